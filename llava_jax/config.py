@@ -1,0 +1,457 @@
+"""Typed run configuration: the single source of truth for defaults.
+
+Public surface: `Config` (model / data / train / mesh / checkpoint sections), `load_config(path, overrides)`,
+`config_from_dict`, `config_to_dict`, `config_to_yaml`, `save_config`. YAML files and `key=value` overrides only
+override dataclass defaults; every value is type-checked and cross-checked, and errors name the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+
+@dataclass
+class VisionConfig:
+    """ViT tower. `kind` fixes the architecture (CLIP: class token, pre-LN, patch conv without bias; SigLIP: none
+    of these); `act` and `layer_norm_eps` default to the kind's values when left empty."""
+    kind: Literal["clip", "siglip"] = "clip"
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 4096
+    act: Optional[Literal["quick_gelu", "gelu", "gelu_tanh"]] = None
+    layer_norm_eps: Optional[float] = None
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.kind == "clip"
+
+
+@dataclass
+class ProjectorConfig:
+    """`linear` or `mlpNx_gelu` (N linear layers, exact GELU between them); optional 2x2 pixel shuffle first."""
+    type: str = "mlp2x_gelu"
+    pixel_shuffle: bool = False
+
+    @property
+    def num_linear(self) -> int:
+        if self.type == "linear":
+            return 1
+        return int(self.type[len("mlp"):-len("x_gelu")])
+
+
+@dataclass
+class DecoderConfig:
+    """LLaMA-family decoder (LLaMA / Vicuna / Mistral / Qwen2)."""
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    mlp_dim: int = 11008
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    image_token_id: int = 32000
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    attention: Literal["xla", "cudnn", "splash"] = "xla"
+
+    @property
+    def vision_layers_used(self) -> int:
+        """Encoder layers actually run: hidden_states[k] is the output after k layers (index 0 = embeddings)."""
+        return self.vision_feature_layer % (self.vision.num_layers + 1)
+
+    @property
+    def vision_tokens_per_image(self) -> int:
+        """Tokens the tower hands to the projector ("default" drops the first token, as transformers does)."""
+        tokens = self.vision.num_patches + int(self.vision.has_class_token)
+        return tokens - 1 if self.vision_feature_select_strategy == "default" else tokens
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens per image in the LLM sequence (after the projector)."""
+        tokens = self.vision_tokens_per_image
+        return tokens // 4 if self.projector.pixel_shuffle else tokens
+
+
+@dataclass
+class MixtureEntry:
+    source: str = "synthetic"
+    weight: float = 1.0
+    json_path: Optional[str] = None
+    image_root: Optional[str] = None
+    tfds_name: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "llava_json", "tfds", "mixture"] = "synthetic"
+    json_path: Optional[str] = None
+    image_root: Optional[str] = None
+    eval_json_path: Optional[str] = None
+    tfds_name: Optional[str] = None
+    tfds_data_dir: Optional[str] = None
+    tfds_split: str = "train"
+    tfds_eval_split: str = "test"
+    tfds_image_key: str = "image"
+    tfds_question_key: str = "question"
+    tfds_answer_key: str = "answer"
+    mixture: list[MixtureEntry] = field(default_factory=list)
+    synthetic_size: int = 20000
+    synthetic_eval_size: int = 500
+    tokenizer: str = "byte"
+    template: Literal["plain", "vicuna_v1", "llama3", "chatml"] = "plain"
+    max_length: int = 2048
+    max_images: int = 1
+    pack: bool = False
+    image_aspect: Literal["pad", "resize", "center_crop"] = "pad"
+    image_mean: Optional[tuple[float, float, float]] = None
+    image_std: Optional[tuple[float, float, float]] = None
+    num_threads: int = 2
+    num_workers: int = 0
+    prefetch: int = 2
+    bad_sample_policy: Literal["skip", "error"] = "skip"
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    min_learning_rate_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 1.0
+    projector_learning_rate: Optional[float] = None
+    vision_learning_rate: Optional[float] = None
+    language_learning_rate: Optional[float] = None
+    stage: Literal["pretrain", "finetune", "full"] = "finetune"
+    freeze: Optional[list[Literal["vision", "projector", "language"]]] = None
+    grad_accum_steps: int = 1
+    max_bad_steps: int = 5
+    log_every: int = 10
+    eval_every: int = 0
+    eval_limit: int = 200
+    init_from: Optional[str] = None
+
+
+@dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3
+    keep_every: Optional[int] = None
+    async_save: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------------- dict <-> dataclass
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against annotation `tp` and returns it in canonical form; raises ValueError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ValueError(f"{key}: expected {len(args)} values, got {len(value)}")
+        items = [_coerce(v, args[0] if origin is list or args[-1] is Ellipsis else args[i], f"{key}[{i}]")
+                 for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ValueError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _unknown_key_error(cls: type, name: str, prefix: str) -> ValueError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean '{_join(prefix, close[0])}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ValueError(f"unknown config key '{_join(prefix, name)}'{hint}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        if name not in names:
+            raise _unknown_key_error(cls, name, prefix)
+        kwargs[name] = _coerce(value, hints[name], _join(prefix, name))
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    config = _from_dict(Config, values or {})
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Any) -> dict:
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def config_to_yaml(config: Any) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def save_config(config: Config, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(config_to_yaml(config))
+
+
+# ------------------------------------------------------------------------------------------------- overrides
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Applies dotted `key=value` overrides to a nested dict, checking each key against the dataclass schema."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        cls: Any = Config
+        node = values
+        for depth, name in enumerate(path):
+            prefix = ".".join(path[:depth])
+            if not dataclasses.is_dataclass(cls) or name not in {f.name for f in dataclasses.fields(cls)}:
+                if not dataclasses.is_dataclass(cls):
+                    raise ValueError(f"unknown config key '{'.'.join(path)}': '{prefix}' is not a section")
+                raise _unknown_key_error(cls, name, prefix)
+            if depth == len(path) - 1:
+                node[name] = value
+            else:
+                cls = typing.get_type_hints(cls)[name]
+                node = node.setdefault(name, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"config key '{'.'.join(path[:depth + 1])}' is not a section")
+    return values
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """Loads YAML at `path` (None = defaults only), applies `overrides` like "model.decoder.num_layers=4"."""
+    values: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections, got {type(values).__name__}")
+    values = apply_overrides(values, overrides)
+    try:
+        return config_from_dict(values)
+    except ValueError as e:
+        raise ValueError(f"{path or '<defaults>'}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+_VISION_DEFAULTS = {"clip": ("quick_gelu", 1e-5), "siglip": ("gelu_tanh", 1e-6)}
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    v, d, p = m.vision, m.decoder, m.projector
+    default_act, default_eps = _VISION_DEFAULTS[v.kind]
+    v.act = v.act or default_act
+    v.layer_norm_eps = v.layer_norm_eps if v.layer_norm_eps is not None else default_eps
+    d.num_kv_heads = d.num_kv_heads or d.num_heads
+    for section, obj in (("model.vision", v), ("model.decoder", d)):
+        for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim"):
+            _require(getattr(obj, name) > 0, f"{section}.{name}", "must be positive")
+    _require(v.image_size % v.patch_size == 0, "model.vision.image_size",
+             f"{v.image_size} is not divisible by model.vision.patch_size={v.patch_size}")
+    _require(v.hidden_size % v.num_heads == 0, "model.vision.hidden_size",
+             f"{v.hidden_size} is not divisible by model.vision.num_heads={v.num_heads}")
+    if d.head_dim is None:
+        _require(d.hidden_size % d.num_heads == 0, "model.decoder.hidden_size",
+                 f"{d.hidden_size} is not divisible by model.decoder.num_heads={d.num_heads} (or set head_dim)")
+        d.head_dim = d.hidden_size // d.num_heads
+    _require(d.head_dim % 2 == 0, "model.decoder.head_dim", f"{d.head_dim} must be even for RoPE")
+    _require(d.num_heads % d.num_kv_heads == 0, "model.decoder.num_kv_heads",
+             f"{d.num_kv_heads} does not divide model.decoder.num_heads={d.num_heads}")
+    _require(0 <= m.image_token_id < d.vocab_size, "model.image_token_id",
+             f"{m.image_token_id} is outside the vocabulary [0, {d.vocab_size})")
+    _require(-(v.num_layers + 1) <= m.vision_feature_layer <= v.num_layers, "model.vision_feature_layer",
+             f"{m.vision_feature_layer} is outside [-{v.num_layers + 1}, {v.num_layers}]")
+    _require(m.vision_layers_used >= 1, "model.vision_feature_layer",
+             "selects the embeddings (no encoder layer); pick a layer index >= 1 or a negative index")
+    valid_projector = p.type == "linear" or (p.type.startswith("mlp") and p.type.endswith("x_gelu")
+                                             and p.type[3:-6].isdigit() and int(p.type[3:-6]) >= 1)
+    _require(valid_projector, "model.projector.type", f"{p.type!r} is not 'linear' or 'mlpNx_gelu' (e.g. mlp2x_gelu)")
+    if p.pixel_shuffle:
+        tokens = m.vision_tokens_per_image
+        side = int(round(tokens ** 0.5))
+        _require(side * side == tokens and side % 2 == 0, "model.projector.pixel_shuffle",
+                 f"needs an even square grid of vision tokens, got {tokens} (with a class token use "
+                 "vision_feature_select_strategy=default on CLIP)")
+    if m.attention == "splash":
+        _require(d.head_dim % 128 == 0 or d.head_dim == 64, "model.attention",
+                 f"splash needs head_dim 64 or a multiple of 128, got {d.head_dim}")
+
+
+def _validate_train(c: Config) -> None:
+    t = c.train
+    for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "max_bad_steps"):
+        _require(getattr(t, name) > 0, f"train.{name}", "must be positive")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(t.learning_rate > 0, "train.learning_rate", "must be positive")
+    _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
+             f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    _require(0.0 <= t.min_learning_rate_ratio <= 1.0, "train.min_learning_rate_ratio", "must be in [0, 1]")
+
+
+def _validate_data(c: Config) -> None:
+    d = c.data
+    _require(d.max_length > 0, "data.max_length", "must be positive")
+    _require(d.max_images >= 0, "data.max_images", "must be >= 0")
+    _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+    _require(d.max_images * c.model.tokens_per_image <= d.max_length, "data.max_length",
+             f"{d.max_length} cannot hold data.max_images={d.max_images} images of "
+             f"{c.model.tokens_per_image} tokens each")
+    if d.source == "llava_json":
+        _require(d.json_path is not None, "data.json_path", "is required when data.source=llava_json")
+    if d.source == "tfds":
+        _require(d.tfds_name is not None, "data.tfds_name", "is required when data.source=tfds")
+    if d.source == "mixture":
+        _require(len(d.mixture) > 0, "data.mixture", "must list at least one source when data.source=mixture")
+        for i, entry in enumerate(d.mixture):
+            _require(entry.weight > 0, f"data.mixture[{i}].weight", "must be positive")
+
+
+def _validate_mesh(m: MeshConfig) -> None:
+    for name in ("data", "fsdp", "tensor"):
+        value = getattr(m, name)
+        _require(value == -1 or value >= 1, f"mesh.{name}", f"must be a positive integer or -1, got {value}")
+    _require([m.data, m.fsdp, m.tensor].count(-1) <= 1, "mesh",
+             "at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _require(c.every_steps > 0, "checkpoint.every_steps", "must be positive")
+    _require(c.keep > 0, "checkpoint.keep", "must be positive")
+    _require(c.keep_every is None or c.keep_every > 0, "checkpoint.keep_every", "must be positive")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks; fills kind-dependent defaults (vision act/eps, kv heads, head_dim) in place."""
+    _validate_model(config.model)
+    _validate_train(config)
+    _validate_data(config)
+    _validate_mesh(config.mesh)
+    _validate_checkpoint(config.checkpoint)

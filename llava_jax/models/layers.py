@@ -1,0 +1,204 @@
+"""Building blocks shared by the vision tower and the decoder: dense layers with logical axes, norms, MLP,
+attention (GQA, optional RoPE, segment/causal masks), and layer stacking (nn.scan + remat).
+
+Every parameter carries logical axis names (see `llava_jax.sharding.LOGICAL_RULES`); params are float32 and the
+compute dtype is passed in. Softmax, norms and RoPE run in float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+INIT_STD = 0.02
+
+# Activation logical axes at block boundaries.
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]] = ACTIVATION_AXES) -> jax.Array:
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, use_bias: bool, dtype: Dtype,
+          name: str) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] carries logical `axes` (and the bias the output axis)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+    )
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: normalise in float32, cast back to the input dtype, then multiply by the weight."""
+    eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        return (scale * normed).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with float32 statistics and float32 affine, output in the compute dtype."""
+    eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (features,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                          (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """Gated (SwiGLU: down(act(gate(x)) * up(x))) or plain (fc2(act(fc1(x)))) MLP."""
+    hidden_size: int
+    mlp_dim: int
+    act: str
+    gated: bool
+    use_bias: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.act]
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype)
+        if self.gated:
+            h = act(dense(self.mlp_dim, ("embed", "mlp"), name="gate_proj", **kw)(x))
+            h = h * dense(self.mlp_dim, ("embed", "mlp"), name="up_proj", **kw)(x)
+            h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+            return dense(self.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
+        h = act(dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x))
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(self.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half layout: x [B, T, H, D], positions [B, T]; inv_freq = theta^(-2i/D)."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, T, D/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]       # [B, T, 1, D]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def make_attention_mask(query_segments: jax.Array, key_segments: jax.Array, causal: bool,
+                        query_positions: Optional[jax.Array] = None,
+                        key_positions: Optional[jax.Array] = None) -> jax.Array:
+    """Boolean mask [B, T, S]: a query sees keys of its own segment and, if causal, not later ones.
+
+    Segment id 0 marks padding; padding sees only padding, so no row is ever fully masked. Causality compares
+    `positions` when given (needed for a KV cache), else sequence indices.
+    """
+    mask = query_segments[:, :, None] == key_segments[:, None, :]
+    if causal:
+        if query_positions is None:
+            t, s = query_segments.shape[1], key_segments.shape[1]
+            mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+        else:
+            mask = mask & (query_positions[:, :, None] >= key_positions[:, None, :])
+    return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+    """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D] (K divides H), mask [B, T, S] -> [B, T, H, D].
+
+    Scores and softmax are float32 whatever the compute dtype.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with optional RoPE. Projections are Dense(H*D) + reshape."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    qkv_bias: bool
+    out_bias: bool
+    rope_theta: Optional[float] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array], positions: Optional[jax.Array] = None) -> jax.Array:
+        batch, length, _ = x.shape
+        kw = dict(use_bias=self.qkv_bias, dtype=self.dtype)
+        q = dense(self.num_heads * self.head_dim, ("embed", "q_heads"), name="q_proj", **kw)(x)
+        k = dense(self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x)
+        v = dense(self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+        heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
+        q = nn.with_logical_constraint(q, heads_axes)
+        out = dot_product_attention(q, k, v, mask)
+        out = nn.with_logical_constraint(out, heads_axes).reshape(batch, length, self.num_heads * self.head_dim)
+        return dense(self.hidden_size, ("q_heads", "embed"), use_bias=self.out_bias, dtype=self.dtype,
+                     name="o_proj")(out)
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def make_layer_stack(block_cls: type[nn.Module], num_layers: int, scan: bool, remat: str, **block_kwargs):
+    """Builds `num_layers` blocks, either one nn.scan-ned module (params stacked on a leading "layers" axis)
+    or a list of modules (named `<attr>_0`, `<attr>_1`, ... by the parent's setup). Blocks return (x, None)."""
+    if remat != "none":
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=num_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        return scanned(**block_kwargs)
+    return [block_cls(**block_kwargs) for _ in range(num_layers)]
+
+
+def run_layer_stack(stack, x: jax.Array, *args) -> jax.Array:
+    """Runs a stack from `make_layer_stack`; `args` are broadcast to every layer."""
+    if isinstance(stack, (list, tuple)):
+        for block in stack:
+            x, _ = block(x, *args)
+        return x
+    x, _ = stack(x, *args)
+    return x

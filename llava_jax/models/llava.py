@@ -1,0 +1,109 @@
+"""LlavaModel: vision tower -> projector -> image features scattered into the token embeddings -> decoder.
+
+Public surface: `LlavaModel(config).apply({"params": p}, input_ids, pixel_values, attention_mask=None,
+image_mask=None, segment_ids=None, positions=None) -> logits [B, T, V] float32`; `init_params(config, rng)`;
+`check_image_tokens(...)`. Sample b's images fill its image-token positions in order, which equals transformers'
+masked_scatter when each sample holds exactly (real images x tokens_per_image) image tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.config import ModelConfig
+from llava_jax.models.decoder import LanguageModel
+from llava_jax.models.projector import Projector
+from llava_jax.models.vit import VisionTower
+
+
+def check_image_tokens(input_ids, image_mask, num_images: int, config: ModelConfig) -> None:
+    """Raises ValueError if a sample's image-token count != its real images x tokens_per_image (host arrays)."""
+    input_ids = np.asarray(input_ids)
+    found = (input_ids == config.image_token_id).sum(axis=1)
+    real = np.full(input_ids.shape[0], num_images) if image_mask is None else np.asarray(image_mask).sum(axis=1)
+    expected = real * config.tokens_per_image
+    bad = np.nonzero(found != expected)[0]
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(
+            f"sample {b} has {int(found[b])} image tokens (id {config.image_token_id}) but {int(real[b])} real "
+            f"image(s) x {config.tokens_per_image} tokens per image = {int(expected[b])}; expand each <image> to "
+            f"exactly tokens_per_image copies and pass image_mask for samples with fewer images "
+            f"({bad.size} sample(s) mismatched)")
+
+
+def merge_image_features(embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
+    """embeds [B, T, E], image_features [B, M, E] (a sample's images in order), is_image [B, T] -> [B, T, E].
+
+    The k-th image token of sample b receives image_features[b, k] (cumsum index), like masked_scatter.
+    """
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_features, index[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class LlavaModel(nn.Module):
+    config: ModelConfig
+    freeze_vision: bool = False   # stop_gradient on the vision tower's output (no backward through it)
+
+    def setup(self):
+        self.vision_tower = VisionTower(self.config)
+        self.projector = Projector(self.config)
+        self.language_model = LanguageModel(self.config)
+
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values [B, I, H, W, C] -> projected image features [B, I * tokens_per_image, E]."""
+        batch, num_images = pixel_values.shape[:2]
+        features = self.vision_tower(pixel_values.reshape(batch * num_images, *pixel_values.shape[2:]))
+        if self.freeze_vision:
+            features = jax.lax.stop_gradient(features)
+        projected = self.projector(features)                               # [B*I, N, E]
+        return projected.reshape(batch, num_images * projected.shape[1], projected.shape[2])
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """Vision tower + projector alone: [N, H, W, C] -> [N, tokens_per_image, E] (get_image_features)."""
+        return self.projector(self.vision_tower(pixel_values))
+
+    def __call__(self, input_ids: jax.Array, pixel_values: Optional[jax.Array] = None,
+                 attention_mask: Optional[jax.Array] = None, image_mask: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
+                 return_hidden: bool = False) -> jax.Array:
+        """input_ids [B, T] int32 (images pre-expanded), pixel_values [B, I, H, W, 3] or None,
+        attention_mask [B, T] (1 = real token), image_mask [B, I] (1 = real image; real images first),
+        segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T]."""
+        num_images = 0 if pixel_values is None else pixel_values.shape[1]
+        if not isinstance(input_ids, jax.core.Tracer):
+            check_image_tokens(input_ids, image_mask, num_images, self.config)
+        embeds = self.language_model.embed(input_ids)
+        if num_images:
+            is_image = input_ids == self.config.image_token_id
+            embeds = merge_image_features(embeds, self.encode_images(pixel_values), is_image)
+        batch, length = input_ids.shape
+        if segment_ids is None:
+            segment_ids = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
+                           else attention_mask.astype(jnp.int32))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        hidden = self.language_model(embeds, positions, segment_ids)
+        return hidden if return_hidden else self.language_model.logits(hidden)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return self.language_model.logits(hidden)
+
+
+def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Smallest (input_ids, pixel_values) that touch every parameter: one image per sample."""
+    v = config.vision
+    input_ids = jnp.full((batch, config.tokens_per_image), config.image_token_id, jnp.int32)
+    pixels = jnp.zeros((batch, 1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    return input_ids, pixels
+
+
+def init_params(config: ModelConfig, rng: jax.Array, boxed: bool = False):
+    """Initialises float32 params. `boxed=True` keeps nn.Partitioned metadata (logical axes) for sharding."""
+    variables = LlavaModel(config).init(rng, *dummy_inputs(config))
+    return variables["params"] if boxed else nn.meta.unbox(variables["params"])

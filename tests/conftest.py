@@ -1,0 +1,32 @@
+"""Shared test set-up: 8 fake CPU devices (set before jax is imported), a persistent compile cache, tiny configs."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from llava_jax.config import load_config  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY_MODEL = [
+    "model.vision.image_size=28", "model.vision.patch_size=7", "model.vision.hidden_size=32",
+    "model.vision.num_layers=3", "model.vision.num_heads=4", "model.vision.mlp_dim=64",
+    "model.decoder.vocab_size=300", "model.decoder.hidden_size=48", "model.decoder.num_layers=2",
+    "model.decoder.num_heads=4", "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=96",
+    "model.image_token_id=299", "data.max_length=64",
+]
+
+
+@pytest.fixture
+def tiny_config():
+    """A tiny CLIP + LLaMA config (28px images, 16 image tokens) built from defaults plus overrides."""
+    def make(*overrides):
+        return load_config(None, TINY_MODEL + list(overrides))
+    return make
