@@ -103,7 +103,8 @@ class ModelConfig:
 
 @dataclass
 class MixtureEntry:
-    source: str = "synthetic"
+    """One weighted source of `data.mixture`; tfds entries share the data-level tfds_* split/key settings."""
+    source: Literal["synthetic", "llava_json", "tfds"] = "synthetic"
     weight: float = 1.0
     json_path: Optional[str] = None
     image_root: Optional[str] = None
@@ -121,13 +122,18 @@ class DataConfig:
     tfds_split: str = "train"
     tfds_eval_split: str = "test"
     tfds_image_key: str = "image"
-    tfds_question_key: str = "question"
-    tfds_answer_key: str = "answer"
+    tfds_question_key: Optional[str] = "question"   # null: caption data (the prompt is the image alone)
+    tfds_answer_key: str = "answer"                  # a text, or a list of reference answers
     mixture: list[MixtureEntry] = field(default_factory=list)
     synthetic_size: int = 20000
     synthetic_eval_size: int = 500
-    tokenizer: str = "byte"
+    synthetic_seed: int = 0                          # fixes the synthetic scenes (independent of train.seed)
+    tokenizer: str = "byte"                          # "byte", a tokenizer.json path or a sentencepiece *.model
+    bos_token: Optional[str] = None                  # special-token strings; null = looked up in the tokenizer
+    eos_token: Optional[str] = None
+    pad_token: Optional[str] = None                  # null and absent from the tokenizer: eos is used
     template: Literal["plain", "vicuna_v1", "llama3", "chatml"] = "plain"
+    system_prompt: Optional[str] = None              # replaces the template's default system message
     max_length: int = 2048
     max_images: int = 1
     pack: bool = False
@@ -139,6 +145,7 @@ class DataConfig:
     prefetch: int = 2
     bad_sample_policy: Literal["skip", "error"] = "skip"
     max_bad_fraction: float = 0.01
+    bad_fraction_min_samples: int = 1000             # the bad fraction is checked once this many were seen
 
 
 @dataclass
@@ -160,6 +167,7 @@ class TrainConfig:
     stage: Literal["pretrain", "finetune", "full"] = "finetune"
     freeze: Optional[list[Literal["vision", "projector", "language"]]] = None
     grad_accum_steps: int = 1
+    micro_batch_size: Optional[int] = None   # per data-parallel replica (Megatron); sets grad_accum_steps
     max_bad_steps: int = 5
     log_every: int = 10
     eval_every: int = 0
@@ -180,6 +188,7 @@ class CheckpointConfig:
     keep: int = 3
     keep_every: Optional[int] = None
     async_save: bool = True
+    load_dir: Optional[str] = None   # resume from this run's checkpoints when the workdir has none (Megatron --load)
 
 
 @dataclass
@@ -242,6 +251,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _parse_float(value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -250,6 +261,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value
     raise ValueError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _parse_float(text: str, key: str) -> float:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it obviously is."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{key}: expected a number, got {text!r}") from None
 
 
 def _unknown_key_error(cls: type, name: str, prefix: str) -> ValueError:
@@ -424,6 +443,13 @@ def _validate_data(c: Config) -> None:
     _require(d.max_images * c.model.tokens_per_image <= d.max_length, "data.max_length",
              f"{d.max_length} cannot hold data.max_images={d.max_images} images of "
              f"{c.model.tokens_per_image} tokens each")
+    for name in ("synthetic_size", "synthetic_eval_size", "bad_fraction_min_samples"):
+        _require(getattr(d, name) > 0, f"data.{name}", "must be positive")
+    for name in ("num_threads", "num_workers", "prefetch"):
+        _require(getattr(d, name) >= 0, f"data.{name}", "must be >= 0")
+    _require(d.image_std is None or min(d.image_std) > 0, "data.image_std", "must be positive")
+    _require(d.tokenizer == "byte" or d.tokenizer.endswith((".json", ".model")), "data.tokenizer",
+             f"{d.tokenizer!r} is not 'byte', a tokenizer.json path or a sentencepiece *.model path")
     if d.source == "llava_json":
         _require(d.json_path is not None, "data.json_path", "is required when data.source=llava_json")
     if d.source == "tfds":
@@ -432,6 +458,10 @@ def _validate_data(c: Config) -> None:
         _require(len(d.mixture) > 0, "data.mixture", "must list at least one source when data.source=mixture")
         for i, entry in enumerate(d.mixture):
             _require(entry.weight > 0, f"data.mixture[{i}].weight", "must be positive")
+            if entry.source == "llava_json":
+                _require(entry.json_path is not None, f"data.mixture[{i}].json_path", "is required for llava_json")
+            if entry.source == "tfds":
+                _require(entry.tfds_name is not None, f"data.mixture[{i}].tfds_name", "is required for tfds")
 
 
 def _validate_mesh(m: MeshConfig) -> None:

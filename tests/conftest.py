@@ -12,16 +12,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from llava_jax.config import load_config  # noqa: E402
+from tests.helpers import TINY_MODEL  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-TINY_MODEL = [
-    "model.vision.image_size=28", "model.vision.patch_size=7", "model.vision.hidden_size=32",
-    "model.vision.num_layers=3", "model.vision.num_heads=4", "model.vision.mlp_dim=64",
-    "model.decoder.vocab_size=300", "model.decoder.hidden_size=48", "model.decoder.num_layers=2",
-    "model.decoder.num_heads=4", "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=96",
-    "model.image_token_id=299", "data.max_length=64",
-]
 
 
 @pytest.fixture

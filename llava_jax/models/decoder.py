@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import ModelConfig
-from llava_jax.models.layers import (INIT_STD, Attention, Mlp, RMSNorm, constrain, dense, make_attention_mask,
+from llava_jax.models.layers import (Attention, Embed, Mlp, RMSNorm, constrain, dense, make_attention_mask,
                                      make_layer_stack, run_layer_stack)
 
 
@@ -36,9 +36,7 @@ class LanguageModel(nn.Module):
     def setup(self):
         cfg, d = self.config, self.config.decoder
         dtype = jnp.dtype(cfg.dtype)
-        self.embed_tokens = nn.Embed(
-            d.vocab_size, d.hidden_size, dtype=dtype, param_dtype=jnp.float32,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")))
+        self.embed_tokens = Embed(d.vocab_size, d.hidden_size, dtype)
         self.layers = make_layer_stack(DecoderBlock, d.num_layers, cfg.scan_layers, cfg.remat, config=cfg)
         self.norm = RMSNorm(d.rms_norm_eps, dtype)
         if not d.tie_embeddings:

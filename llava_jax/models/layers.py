@@ -41,6 +41,26 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+class Embed(nn.Module):
+    """Token embedding [vocab, embed]. Lookups gather from the table with its fsdp (embed) shards all-gathered
+    first, so the batch-sharded output never conflicts with a parameter sharding; `attend` is the tied head."""
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+            (self.num_embeddings, self.features), jnp.float32)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("bte,ve->btv", x, self.embedding.astype(self.dtype))
+
+
 class RMSNorm(nn.Module):
     """LLaMA RMSNorm: normalise in float32, cast back to the input dtype, then multiply by the weight."""
     eps: float

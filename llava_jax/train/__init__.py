@@ -1,0 +1,1 @@
+"""Training: optimizer and freezing, train state, the jitted train step, FLOPs/MFU, metrics and the loop."""

@@ -1,0 +1,76 @@
+"""Which model parts train, and the optimizer over them.
+
+Public surface: `GROUPS`, `STAGE_FROZEN`, `frozen_groups(train_config)`, `split_params`, `merge_params`,
+`learning_rate_schedule(train_config, base_lr)`, `make_optimizer(train_config, trainable_params)`.
+
+The params tree has three top-level groups: `vision_tower`, `projector`, `language_model`. Frozen groups are
+left out of the optimizer entirely (no Adam moments, no weight gradients); only the trainable subtree is
+differentiated and updated.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from llava_jax.config import TrainConfig
+
+GROUPS = {"vision": "vision_tower", "projector": "projector", "language": "language_model"}
+STAGE_FROZEN = {
+    "pretrain": ("vision", "language"),   # LLaVA stage 1: projector only
+    "finetune": ("vision",),              # LLaVA stage 2: projector + language model
+    "full": (),
+}
+NO_DECAY_LEAVES = ("bias", "scale", "class_embedding")
+
+
+def frozen_groups(train_config: TrainConfig) -> tuple[str, ...]:
+    """Frozen param groups (top-level param keys): `train.freeze` if set, else the `train.stage` preset."""
+    names = train_config.freeze if train_config.freeze is not None else STAGE_FROZEN[train_config.stage]
+    if set(names) == set(GROUPS):
+        raise ValueError("train.freeze: every part is frozen (vision, projector, language); nothing would train")
+    return tuple(GROUPS[n] for n in names)
+
+
+def split_params(params: dict, frozen: tuple[str, ...]) -> tuple[dict, dict]:
+    trainable = {k: v for k, v in params.items() if k not in frozen}
+    return trainable, {k: v for k, v in params.items() if k in frozen}
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return {**trainable, **frozen}
+
+
+def learning_rate_schedule(t: TrainConfig, base_lr: float) -> optax.Schedule:
+    """Linear warmup from 0 to `base_lr` over `warmup_steps`, then cosine decay to `min_learning_rate_ratio`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=base_lr, warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1), end_value=base_lr * t.min_learning_rate_ratio)
+
+
+def _group_learning_rate(t: TrainConfig, group: str) -> float:
+    override = {"vision_tower": t.vision_learning_rate, "projector": t.projector_learning_rate,
+                "language_model": t.language_learning_rate}[group]
+    return t.learning_rate if override is None else override
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices and embeddings only: not on norms, biases or the class token."""
+    def decays(path, _):
+        return getattr(path[-1], "key", None) not in NO_DECAY_LEAVES
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _adamw(t: TrainConfig, base_lr: float) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate_schedule(t, base_lr), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                       weight_decay=t.weight_decay, mask=_decay_mask)
+
+
+def make_optimizer(t: TrainConfig, trainable: dict) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW per group (each group may have its own learning rate)."""
+    per_group = {g: _adamw(t, _group_learning_rate(t, g)) for g in trainable}
+
+    def labels(params):
+        return {g: jax.tree_util.tree_map(lambda _, g=g: g, params[g]) for g in params}
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), optax.multi_transform(per_group, labels))

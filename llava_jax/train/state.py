@@ -1,0 +1,82 @@
+"""Train state and its sharded initialisation.
+
+Public surface: `TrainState`, `TrainSetup` (model, optimizer, frozen groups, mesh, abstract state and its
+shardings) built by `make_train_setup(config, mesh)`, and `TrainSetup.init_state(seed)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llava_jax.config import Config
+from llava_jax.models.llava import LlavaModel, dummy_inputs
+from llava_jax.sharding import LOGICAL_RULES, shardings_like_params, tree_shardings
+from llava_jax.train.optimizer import frozen_groups, make_optimizer, split_params
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array           # int32 scalar: train steps taken (including skipped non-finite ones)
+    bad_steps: jax.Array      # int32 scalar: steps skipped because loss/grads were not finite
+    params: Any               # all groups, float32
+    opt_state: Any            # over the trainable groups only
+    rng: jax.Array            # uint32 [2]
+
+    @property
+    def optimizer_steps(self) -> jax.Array:
+        return self.step - self.bad_steps
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    config: Config
+    mesh: Mesh
+    model: LlavaModel
+    tx: optax.GradientTransformation
+    frozen: tuple[str, ...]
+    abstract_state: Any        # TrainState of ShapeDtypeStructs carrying the shardings
+    state_shardings: Any
+
+    def init_state(self, seed: int) -> TrainState:
+        """Freshly initialised state, created directly in its shards (no host copy of the full model)."""
+        init = jax.jit(_init_fn(self.model, self.tx, self.frozen), out_shardings=self.state_shardings)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return init(jax.random.PRNGKey(seed))
+
+
+def _init_fn(model: LlavaModel, tx: optax.GradientTransformation, frozen: tuple[str, ...]):
+    def init(rng: jax.Array) -> TrainState:
+        params_rng, state_rng = jax.random.split(rng)
+        params = nn.meta.unbox(model.init(params_rng, *dummy_inputs(model.config))["params"])
+        trainable, _ = split_params(params, frozen)
+        return TrainState(step=jnp.zeros((), jnp.int32), bad_steps=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(trainable), rng=state_rng)
+    return init
+
+
+def make_train_setup(config: Config, mesh: Mesh) -> TrainSetup:
+    frozen = frozen_groups(config.train)
+    model = LlavaModel(config.model, freeze_vision="vision_tower" in frozen)
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        boxed_params = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(config.model))["params"],
+                                      jax.random.PRNGKey(0))
+    param_shardings = tree_shardings(boxed_params, mesh)
+    params = nn.meta.unbox(boxed_params)
+    trainable = split_params(params, frozen)[0]
+    tx = make_optimizer(config.train, trainable)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    replicated = NamedSharding(mesh, P())
+    shardings = TrainState(step=replicated, bad_steps=replicated, params=param_shardings,
+                           opt_state=shardings_like_params(opt_state, params, param_shardings, mesh),
+                           rng=replicated)
+    abstract = jax.eval_shape(_init_fn(model, tx, frozen), jax.random.PRNGKey(0))
+    abstract = jax.tree_util.tree_map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                                      abstract, shardings)
+    return TrainSetup(config, mesh, model, tx, frozen, abstract, shardings)

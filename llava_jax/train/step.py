@@ -1,0 +1,160 @@
+"""The loss and the ONE jitted train step (vision tower + projector + decoder, gradient accumulation inside).
+
+Public surface: `BATCH_KEYS`, `token_cross_entropy_sums`, `make_train_step(setup) -> step(state, batch)`,
+`compile_train_step(setup, batch_spec)`, `abstract_batch(config, mesh)`,
+`resolve_batch_layout(config, mesh)`.
+
+Loss = (sum of next-token cross-entropies over supervised tokens of the GLOBAL batch) / (their count), so any
+mesh and any number of accumulation micro-batches give the same gradient. A step whose loss or gradient norm is
+not finite leaves params and optimizer state untouched and is counted in `state.bad_steps`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llava_jax.config import Config
+from llava_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding
+from llava_jax.train.optimizer import learning_rate_schedule, merge_params, split_params
+from llava_jax.train.state import TrainSetup, TrainState
+
+# Device-side batch: input_ids / loss_mask / segment_ids / positions [B, T], pixel_values [B, I, H, W, 3],
+# image_mask [B, I]. loss_mask[b, t] = 1 iff input_ids[b, t] is a supervised target (predicted at t - 1).
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_mask")
+
+
+def token_cross_entropy_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+                             ) -> tuple[jax.Array, jax.Array]:
+    """(sum of CE over supervised next tokens, number of supervised tokens); logits [B, T, V] float32."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logits) * weights), jnp.sum(weights)
+
+
+def _image_token_mismatches(batch: dict, image_token_id: int, tokens_per_image: int) -> jax.Array:
+    found = jnp.sum(batch["input_ids"] == image_token_id, axis=1)
+    expected = jnp.sum(batch["image_mask"], axis=1) * tokens_per_image
+    return jnp.sum(found != expected)
+
+
+def _split_micro_batches(batch: dict, num_micro: int, mesh: Mesh) -> dict:
+    """[B, ...] -> [A, B/A, ...]; micro-batch j takes rows j, j+A, ... so every device keeps its own rows."""
+    def split(x):
+        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    config, model, tx, frozen = setup.config, setup.model, setup.tx, setup.frozen
+    num_micro = config.train.grad_accum_steps
+    schedule = learning_rate_schedule(config.train, config.train.learning_rate)
+
+    def micro_loss(trainable, frozen_params, micro):
+        logits = model.apply({"params": merge_params(trainable, frozen_params)}, micro["input_ids"],
+                             micro["pixel_values"], image_mask=micro["image_mask"],
+                             segment_ids=micro["segment_ids"], positions=micro["positions"])
+        loss_sum, count = token_cross_entropy_sums(logits, micro["input_ids"], micro["loss_mask"])
+        return loss_sum, count
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def summed_loss_and_grads(trainable, frozen_params, batch):
+        if num_micro == 1:
+            (loss_sum, count), grads = grad_fn(trainable, frozen_params, batch)
+            return loss_sum, count, grads
+
+        def accumulate(carry, micro):
+            loss_acc, count_acc, grads_acc = carry
+            (loss_sum, count), grads = grad_fn(trainable, frozen_params, micro)
+            return (loss_acc + loss_sum, count_acc + count, jax.tree_util.tree_map(jnp.add, grads_acc, grads)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init,
+                                                   _split_micro_batches(batch, num_micro, setup.mesh))
+        return loss_sum, count, grads
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        trainable, frozen_params = split_params(state.params, frozen)
+        loss_sum, count, grads = summed_loss_and_grads(trainable, frozen_params, batch)
+        denominator = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+        loss = loss_sum / denominator
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            bad_steps=state.bad_steps + (~finite).astype(jnp.int32),
+            params=merge_params(keep(new_trainable, trainable), frozen_params),
+            opt_state=keep(new_opt_state, state.opt_state))
+        metrics = {
+            "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.optimizer_steps),
+            "supervised_tokens": count, "finite": finite.astype(jnp.float32),
+            "image_token_mismatches": _image_token_mismatches(batch, config.model.image_token_id,
+                                                              config.model.tokens_per_image).astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def abstract_batch(config: Config, mesh: Mesh, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs (with the batch sharding) of one global batch."""
+    b = config.train.batch_size if batch_size is None else batch_size
+    t, i, v = config.data.max_length, config.data.max_images, config.model.vision
+    sharding = batch_sharding(mesh)
+    shapes = {
+        "input_ids": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.float32), "segment_ids": ((b, t), jnp.int32),
+        "positions": ((b, t), jnp.int32), "image_mask": ((b, i), jnp.int32),
+        "pixel_values": ((b, i, v.image_size, v.image_size, v.num_channels), jnp.float32),
+    }
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+
+def resolve_batch_layout(config: Config, mesh: Mesh) -> None:
+    """Derives train.grad_accum_steps from train.micro_batch_size (rows per data-parallel replica, Megatron's
+    meaning) and checks that every accumulation micro-batch splits evenly over data x fsdp."""
+    t = config.train
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.micro_batch_size is not None:
+        rows = t.micro_batch_size * replicas
+        if t.batch_size % rows:
+            raise ValueError(f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size="
+                             f"{t.micro_batch_size} x data-parallel replicas {replicas}")
+        if t.grad_accum_steps not in (1, t.batch_size // rows):
+            raise ValueError(f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.micro_batch_size="
+                             f"{t.micro_batch_size} (which implies {t.batch_size // rows}); set only one")
+        t.grad_accum_steps = t.batch_size // rows
+    micro = t.batch_size // t.grad_accum_steps
+    if micro % replicas:
+        raise ValueError(f"train.batch_size: {t.batch_size} / train.grad_accum_steps={t.grad_accum_steps} = {micro} "
+                         f"rows per micro-batch is not divisible by mesh data x fsdp = {replicas}")
+
+
+def jit_train_step(setup: TrainSetup) -> Any:
+    """The train step jitted with explicit in/out shardings and the state donated."""
+    metrics_sharding = NamedSharding(setup.mesh, P())
+    batch_shardings = {k: batch_sharding(setup.mesh) for k in BATCH_KEYS}
+    return jax.jit(make_train_step(setup), in_shardings=(setup.state_shardings, batch_shardings),
+                   out_shardings=(setup.state_shardings, metrics_sharding), donate_argnums=(0,))
+
+
+def compile_train_step(setup: TrainSetup, batch_spec: dict | None = None):
+    """AOT-compiles the train step for the configured batch (never recompiles; wrong inputs raise)."""
+    resolve_batch_layout(setup.config, setup.mesh)
+    batch_spec = batch_spec or abstract_batch(setup.config, setup.mesh)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        return jit_train_step(setup).lower(setup.abstract_state, batch_spec).compile()
