@@ -1,6 +1,6 @@
 """The loss and the ONE jitted train step (vision tower + projector + decoder, gradient accumulation inside).
 
-Public surface: `BATCH_KEYS`, `token_cross_entropy_sums`, `make_train_step(setup) -> step(state, batch)`,
+Public surface: `BATCH_KEYS`, `make_train_step(setup) -> step(state, batch)`,
 `compile_train_step(setup, batch_spec)`, `abstract_batch(config, mesh)`,
 `resolve_batch_layout(config, mesh)`.
 
@@ -19,24 +19,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax.config import Config
+from llava_jax.models.llava import LlavaModel
 from llava_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding
+from llava_jax.train.loss import cross_entropy_sums
 from llava_jax.train.optimizer import learning_rate_schedule, merge_params, split_params
 from llava_jax.train.state import TrainSetup, TrainState
 
 # Device-side batch: input_ids / loss_mask / segment_ids / positions [B, T], pixel_values [B, I, H, W, 3],
 # image_mask [B, I]. loss_mask[b, t] = 1 iff input_ids[b, t] is a supervised target (predicted at t - 1).
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_mask")
-
-
-def token_cross_entropy_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
-                             ) -> tuple[jax.Array, jax.Array]:
-    """(sum of CE over supervised next tokens, number of supervised tokens); logits [B, T, V] float32."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((log_z - target_logits) * weights), jnp.sum(weights)
 
 
 def _image_token_mismatches(batch: dict, image_token_id: int, tokens_per_image: int) -> jax.Array:
@@ -60,11 +51,11 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
     schedule = learning_rate_schedule(config.train, config.train.learning_rate)
 
     def micro_loss(trainable, frozen_params, micro):
-        logits = model.apply({"params": merge_params(trainable, frozen_params)}, micro["input_ids"],
-                             micro["pixel_values"], image_mask=micro["image_mask"],
-                             segment_ids=micro["segment_ids"], positions=micro["positions"])
-        loss_sum, count = token_cross_entropy_sums(logits, micro["input_ids"], micro["loss_mask"])
-        return loss_sum, count
+        variables = {"params": merge_params(trainable, frozen_params)}
+        hidden = model.apply(variables, micro["input_ids"], micro["pixel_values"], image_mask=micro["image_mask"],
+                             segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True)
+        head = lambda h: model.apply(variables, h, method=LlavaModel.logits)  # noqa: E731
+        return cross_entropy_sums(hidden, head, micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
