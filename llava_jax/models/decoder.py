@@ -1,10 +1,12 @@
 """LLaMA-family decoder (LLaMA, Vicuna, Mistral, Qwen2). Public surface: `LanguageModel(config)` with
-`embed(ids) -> [B, T, E]`, `__call__(embeds, positions, segment_ids) -> hidden [B, T, E]` and
-`logits(hidden) -> [B, T, V] float32`.
+`embed(ids) -> [B, T, E]`, `__call__(embeds, positions, segment_ids, cache_length=None) -> hidden [B, T, E]` and
+`logits(hidden) -> [B, T, V] float32`. With `cache_length` it runs on a static KV cache (see `CacheSlots`).
 
 RMSNorm, RoPE (rotate-half), grouped-query attention, SwiGLU, optional q/k/v bias, tied or untied output.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -19,15 +21,43 @@ class DecoderBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array):
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
+                 cache_index: Optional[jax.Array] = None):
         d = self.config.decoder
         dtype = jnp.dtype(self.config.dtype)
         h = RMSNorm(d.rms_norm_eps, dtype, name="input_layernorm")(x)
-        x = x + Attention(d.num_heads, d.num_kv_heads, d.head_dim, d.hidden_size, qkv_bias=d.qkv_bias,
-                          out_bias=False, rope_theta=d.rope_theta, dtype=dtype, name="self_attn")(h, mask, positions)
+        attention = Attention(d.num_heads, d.num_kv_heads, d.head_dim, d.hidden_size, qkv_bias=d.qkv_bias,
+                              out_bias=False, rope_theta=d.rope_theta, dtype=dtype, name="self_attn")
+        x = x + attention(h, mask, positions, cache_index)
         h = RMSNorm(d.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
         x = x + Mlp(d.hidden_size, d.mlp_dim, "silu", gated=True, use_bias=False, dtype=dtype, name="mlp")(h)
         return constrain(x), None
+
+
+class CacheSlots(nn.Module):
+    """KV-cache bookkeeping shared by all layers ("cache" collection, no params): the segment id and position of
+    each of the `length` cache slots and the next slot to write (one index for the whole batch).
+
+    Each call appends its tokens at that index and returns (mask [B, T, length], write index). A query sees the
+    slots of its own segment at an earlier or equal position; slots not written yet keep segment 0 (padding),
+    so real tokens never see them, and padded prompt rows (segment 0) only ever see padding.
+    """
+
+    @nn.compact
+    def __call__(self, segment_ids: jax.Array, positions: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+        batch = segment_ids.shape[0]
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        slot_segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
+        slot_positions = self.variable("cache", "positions", jnp.zeros, (batch, length), jnp.int32)
+        start = index.value
+        slot_segments.value = jax.lax.dynamic_update_slice_in_dim(
+            slot_segments.value, segment_ids.astype(jnp.int32), start, axis=1)
+        slot_positions.value = jax.lax.dynamic_update_slice_in_dim(
+            slot_positions.value, positions.astype(jnp.int32), start, axis=1)
+        index.value = start + segment_ids.shape[1]
+        mask = make_attention_mask(segment_ids, slot_segments.value, causal=True, query_positions=positions,
+                                   key_positions=slot_positions.value)
+        return mask, start
 
 
 class LanguageModel(nn.Module):
@@ -39,16 +69,25 @@ class LanguageModel(nn.Module):
         self.embed_tokens = Embed(d.vocab_size, d.hidden_size, dtype)
         self.layers = make_layer_stack(DecoderBlock, d.num_layers, cfg.scan_layers, cfg.remat, config=cfg)
         self.norm = RMSNorm(d.rms_norm_eps, dtype)
+        self.cache_slots = CacheSlots()
         if not d.tie_embeddings:
             self.lm_head = dense(d.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype, name="lm_head")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return constrain(self.embed_tokens(input_ids))
 
-    def __call__(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """embeds [B, T, E], positions [B, T], segment_ids [B, T] (0 = padding) -> final-normed hidden."""
-        mask = make_attention_mask(segment_ids, segment_ids, causal=True)
-        x = run_layer_stack(self.layers, constrain(embeds), mask, positions)
+    def __call__(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache_length: Optional[int] = None) -> jax.Array:
+        """embeds [B, T, E], positions [B, T], segment_ids [B, T] (0 = padding) -> final-normed hidden.
+
+        `cache_length` (static) switches to KV-cache mode: apply with mutable=["cache"]; the first call creates a
+        cache of that many slots (prefill), later calls append to it (decode steps).
+        """
+        if cache_length is None:
+            mask, cache_index = make_attention_mask(segment_ids, segment_ids, causal=True), None
+        else:
+            mask, cache_index = self.cache_slots(segment_ids, positions, cache_length)
+        x = run_layer_stack(self.layers, constrain(embeds), mask, positions, cache_index)
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -162,6 +162,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     return out.reshape(batch, length, heads, head_dim)
 
 
+def write_kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, index: jax.Array, length: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Static KV cache in `module`'s "cache" collection: writes k/v [B, T, K, D] at slots [index, index + T) of
+    `cached_key` / `cached_value` [B, length, K, D] (zeros when first created) and returns both whole caches."""
+    batch, _, kv_heads, head_dim = k.shape
+    cached_key = module.variable("cache", "cached_key", jnp.zeros, (batch, length, kv_heads, head_dim), k.dtype)
+    cached_value = module.variable("cache", "cached_value", jnp.zeros, (batch, length, kv_heads, head_dim), v.dtype)
+    cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, k, index, axis=1)
+    cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, v, index, axis=1)
+    return cached_key.value, cached_value.value
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional RoPE. Projections are Dense(H*D) + reshape."""
     num_heads: int
@@ -174,7 +186,10 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array], positions: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array], positions: Optional[jax.Array] = None,
+                 cache_index: Optional[jax.Array] = None) -> jax.Array:
+        """With `cache_index` (KV-cache mode, see `write_kv_cache`) the keys/values of x are written into the cache
+        at that slot and queries attend to the whole cache; `mask` is then [B, T, cache slots]."""
         batch, length, _ = x.shape
         kw = dict(use_bias=self.qkv_bias, dtype=self.dtype)
         q = dense(self.num_heads * self.head_dim, ("embed", "q_heads"), name="q_proj", **kw)(x)
@@ -186,6 +201,8 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, positions, self.rope_theta)
+        if cache_index is not None:
+            k, v = write_kv_cache(self, k, v, cache_index, mask.shape[-1])
         heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
         q = nn.with_logical_constraint(q, heads_axes)
         out = dot_product_attention(q, k, v, mask)
@@ -203,11 +220,12 @@ REMAT_POLICIES = {
 
 def make_layer_stack(block_cls: type[nn.Module], num_layers: int, scan: bool, remat: str, **block_kwargs):
     """Builds `num_layers` blocks, either one nn.scan-ned module (params stacked on a leading "layers" axis)
-    or a list of modules (named `<attr>_0`, `<attr>_1`, ... by the parent's setup). Blocks return (x, None)."""
+    or a list of modules (named `<attr>_0`, `<attr>_1`, ... by the parent's setup). Blocks return (x, None).
+    A "cache" collection (KV cache) is stacked on the leading axis like the params."""
     if remat != "none":
         block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                           in_axes=nn.broadcast, length=num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         return scanned(**block_kwargs)

@@ -71,10 +71,11 @@ class LlavaModel(nn.Module):
     def __call__(self, input_ids: jax.Array, pixel_values: Optional[jax.Array] = None,
                  attention_mask: Optional[jax.Array] = None, image_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
-                 return_hidden: bool = False) -> jax.Array:
+                 return_hidden: bool = False, cache_length: Optional[int] = None) -> jax.Array:
         """input_ids [B, T] int32 (images pre-expanded), pixel_values [B, I, H, W, 3] or None,
         attention_mask [B, T] (1 = real token), image_mask [B, I] (1 = real image; real images first),
-        segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T]."""
+        segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T].
+        `cache_length`: run on the decoder's KV cache (see `LanguageModel`; llava_jax.generate drives it)."""
         num_images = 0 if pixel_values is None else pixel_values.shape[1]
         if not isinstance(input_ids, jax.core.Tracer):
             check_image_tokens(input_ids, image_mask, num_images, self.config)
@@ -88,7 +89,7 @@ class LlavaModel(nn.Module):
                            else attention_mask.astype(jnp.int32))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        hidden = self.language_model(embeds, positions, segment_ids)
+        hidden = self.language_model(embeds, positions, segment_ids, cache_length)
         return hidden if return_hidden else self.language_model.logits(hidden)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,281 @@
+"""Batched generation on a static KV cache: one jitted prefill over images + prompts, then a jitted decode loop.
+
+Public surface: `generate(model_config, params, prompt_ids_list, pixel_values, image_mask, max_new_tokens, eos_id,
+pad_id, temperature=0.0, top_k=0, top_p=1.0, rng=None) -> list[list[int]]`, `generate_tokens(...)` (the raw
+[B, max_new_tokens] array), `left_pad`, `sample_logits`, `generate_answers(config, params, examples, ...) -> [str]`,
+`prompt_example(config, prompt, image)`, `load_run(path, overrides) -> (Config, params)` and the CLI
+`python -m llava_jax.generate (--workdir DIR | --checkpoint PATH) --image PATH --prompt TEXT [--max-new-tokens N]
+[--temperature T] [--top-k K] [--top-p P] [--seed S] [--set KEY=VALUE ...]`.
+
+Layout: prompts are LEFT-padded to one length P (rounded up to a multiple of PROMPT_LENGTH_MULTIPLE, so batches
+share compilations). Padding has segment id 0 and position 0; row b's real tokens have positions 0..L_b-1, so
+every row's last prompt token sits at slot P-1 and its t-th new token is written at cache slot P+t with position
+L_b+t. The cache has P + max_new_tokens slots. The image token is never sampled (it would get no image features).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from llava_jax.checkpoint import load_init_params
+from llava_jax.config import Config, MeshConfig, ModelConfig, load_config
+from llava_jax.data.bad_samples import BadSample
+from llava_jax.data.examples import Example, ExampleEncoder
+from llava_jax.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, answer_end_id
+from llava_jax.data.tokenizers import make_tokenizer
+from llava_jax.models.llava import LlavaModel, check_image_tokens
+from llava_jax.sharding import make_mesh
+from llava_jax.train.state import make_train_setup
+
+PROMPT_LENGTH_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0   # 0: greedy (argmax)
+    top_k: int = 0             # 0: no top-k filter
+    top_p: float = 1.0         # 1: no nucleus filter
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {self}")
+
+
+def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keeps the most likely tokens until their probability mass first reaches top_p (at least one token)."""
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, kept - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next tokens [B] int32 from logits [B, V]: argmax at temperature 0, else logits / temperature, then the
+    top-k filter, then the top-p (nucleus) filter, then a categorical draw."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth_largest = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        logits = _nucleus(logits, sampling.top_p)
+    return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+class PaddedPrompts(NamedTuple):
+    input_ids: np.ndarray     # [B, P] int32, prompts right-aligned
+    segment_ids: np.ndarray   # [B, P] int32, 1 = prompt token, 0 = padding
+    positions: np.ndarray     # [B, P] int32, 0..L_b-1 over the prompt, 0 on padding
+    lengths: np.ndarray       # [B] int32, L_b
+
+
+def left_pad(prompts: Sequence[np.ndarray], pad_id: int) -> PaddedPrompts:
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() == 0:
+        raise ValueError(f"prompt {int(np.argmin(lengths))} is empty; generation needs at least one prompt token")
+    padded = -(-int(lengths.max()) // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
+    input_ids = np.full((len(prompts), padded), pad_id, np.int32)
+    segment_ids = np.zeros((len(prompts), padded), np.int32)
+    positions = np.zeros((len(prompts), padded), np.int32)
+    for row, (prompt, length) in enumerate(zip(prompts, lengths)):
+        input_ids[row, padded - length:] = prompt
+        segment_ids[row, padded - length:] = 1
+        positions[row, padded - length:] = np.arange(length)
+    return PaddedPrompts(input_ids, segment_ids, positions, lengths)
+
+
+def _allowed_logits(logits: jax.Array, image_token_id: int) -> jax.Array:
+    return logits.at[:, image_token_id].set(-jnp.inf)
+
+
+def _prefill(model: LlavaModel, params, input_ids, pixel_values, segment_ids, positions, *, cache_length: int):
+    """Images + left-padded prompts through the model into a fresh cache of `cache_length` slots.
+    Returns (logits [B, V] after each row's last prompt token, cache)."""
+    def last_token_logits(module: LlavaModel) -> jax.Array:
+        hidden = module(input_ids, pixel_values, segment_ids=segment_ids, positions=positions,
+                        cache_length=cache_length, return_hidden=True)
+        return module.logits(hidden[:, -1:])[:, 0]
+    logits, variables = model.apply({"params": params}, method=last_token_logits, mutable=["cache"])
+    return logits, variables["cache"]
+
+
+def _decode_step(model: LlavaModel, params, cache, tokens, positions, cache_length: int):
+    """tokens / positions [B] -> (logits [B, V] for the next token, updated cache)."""
+    logits, variables = model.apply({"params": params, "cache": cache}, tokens[:, None],
+                                    segment_ids=jnp.ones_like(tokens)[:, None], positions=positions[:, None],
+                                    cache_length=cache_length, mutable=["cache"])
+    return logits[:, 0], variables["cache"]
+
+
+def _decode(model: LlavaModel, params, cache, logits, prompt_lengths, rng, *, cache_length: int,
+            max_new_tokens: int, eos_id: int, pad_id: int, sampling: Sampling) -> jax.Array:
+    """The decode loop (lax.while_loop, exits once every row has produced EOS): tokens [B, max_new_tokens] int32.
+    Token 0 comes from the prefill logits; step t feeds token t-1 at position L_b + t - 1. A row that has produced
+    EOS emits pad_id from then on."""
+    def choose(logits, step, finished):
+        rng_step = jax.random.fold_in(rng, step)
+        token = sample_logits(_allowed_logits(logits, model.config.image_token_id), rng_step, sampling)
+        return jnp.where(finished, pad_id, token)
+
+    def body(state):
+        step, token, finished, tokens, cache = state
+        logits, cache = _decode_step(model, params, cache, token, prompt_lengths + step - 1, cache_length)
+        token = choose(logits, step, finished)
+        return step + 1, token, finished | (token == eos_id), tokens.at[:, step].set(token), cache
+
+    def not_done(state):
+        step, _, finished, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(finished)
+
+    first = choose(logits, 0, jnp.zeros(logits.shape[:1], bool))
+    tokens = jnp.full((logits.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    state = (jnp.int32(1), first, first == eos_id, tokens, cache)
+    return jax.lax.while_loop(not_done, body, state)[3]
+
+
+class _Programs(NamedTuple):
+    prefill: Any
+    decode: Any
+
+
+_PROGRAMS: dict[str, _Programs] = {}
+
+
+def _programs(model_config: ModelConfig) -> _Programs:
+    """Jitted prefill and decode of one model config, built once per distinct config (jit then caches one
+    compilation per shape and static setting)."""
+    key = repr(model_config)
+    if key not in _PROGRAMS:
+        model = LlavaModel(model_config)
+        _PROGRAMS[key] = _Programs(
+            prefill=jax.jit(functools.partial(_prefill, model), static_argnames="cache_length"),
+            decode=jax.jit(functools.partial(_decode, model),
+                           static_argnames=("cache_length", "max_new_tokens", "eos_id", "pad_id", "sampling")))
+    return _PROGRAMS[key]
+
+
+def generate_tokens(model_config: ModelConfig, params, prompt_ids_list: Sequence[np.ndarray],
+                    pixel_values: Optional[np.ndarray], image_mask: Optional[np.ndarray], max_new_tokens: int,
+                    eos_id: int, pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    rng: Optional[jax.Array] = None) -> np.ndarray:
+    """New tokens [B, max_new_tokens] int32 for B prompts (int ids with each image's tokens already expanded) and
+    their images pixel_values [B, I, S, S, 3] / image_mask [B, I] (None: text only). A row's EOS is kept and
+    followed by pad_id. Sampling (temperature > 0) needs an explicit `rng`."""
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    if sampling.temperature > 0 and rng is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit rng (jax.random.key)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = left_pad(prompt_ids_list, pad_id)
+    num_images = 0 if pixel_values is None else pixel_values.shape[1]
+    check_image_tokens(prompts.input_ids, image_mask, num_images, model_config)
+    programs = _programs(model_config)
+    cache_length = prompts.input_ids.shape[1] + max_new_tokens
+    logits, cache = programs.prefill(params, prompts.input_ids, pixel_values, prompts.segment_ids,
+                                     prompts.positions, cache_length=cache_length)
+    tokens = programs.decode(params, cache, logits, prompts.lengths,
+                             jax.random.key(0) if rng is None else rng, cache_length=cache_length,
+                             max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sampling=sampling)
+    return np.asarray(tokens)
+
+
+def _until_eos(tokens: np.ndarray, eos_id: int) -> list[int]:
+    tokens = tokens.tolist()
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def generate(model_config: ModelConfig, params, prompt_ids_list: Sequence[np.ndarray],
+             pixel_values: Optional[np.ndarray], image_mask: Optional[np.ndarray], max_new_tokens: int, eos_id: int,
+             pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             rng: Optional[jax.Array] = None) -> list[list[int]]:
+    """The new tokens of each prompt up to (not including) its EOS; arguments as `generate_tokens`."""
+    tokens = generate_tokens(model_config, params, prompt_ids_list, pixel_values, image_mask, max_new_tokens,
+                             eos_id, pad_id, temperature, top_k, top_p, rng)
+    return [_until_eos(row, eos_id) for row in tokens]
+
+
+def generate_answers(config: Config, params, examples: Sequence[dict], max_new_tokens: int, batch_size: int = 16,
+                     **sampling) -> list[str]:
+    """Decoded answers to evaluation examples (see data.pipeline.make_eval_examples), `batch_size` at a time;
+    generation stops at the token that closes an answer in data.template."""
+    tokenizer = make_tokenizer(config.data, config.model)
+    stop_id = answer_end_id(TEMPLATES[config.data.template], tokenizer)
+    answers = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        new_tokens = generate(config.model, params, [ex["prompt_ids"] for ex in batch],
+                              np.stack([ex["pixel_values"] for ex in batch]),
+                              np.stack([ex["image_mask"] for ex in batch]), max_new_tokens, stop_id,
+                              tokenizer.pad_id, **sampling)
+        answers += [tokenizer.decode(tokens) for tokens in new_tokens]
+    return answers
+
+
+def _workdir(path: str) -> str:
+    """The run directory of `path`: a workdir (holding config.yaml) or one of its WORKDIR/checkpoints/<step>."""
+    path = os.path.abspath(path)
+    for candidate in (path, os.path.dirname(os.path.dirname(path))):
+        if os.path.exists(os.path.join(candidate, "config.yaml")):
+            return candidate
+    raise ValueError(f"{path}: neither a training workdir (holding config.yaml) nor a checkpoint directory "
+                     "WORKDIR/checkpoints/<step> of one")
+
+
+def load_run(path: str, overrides: Sequence[str] = ()) -> tuple[Config, Any]:
+    """(config, params) of a training run: `path` is its workdir (newest checkpoint) or one checkpoint directory
+    WORKDIR/checkpoints/<step>; `overrides` ("key=value") apply on top of the run's saved WORKDIR/config.yaml.
+    Params are restored sharded over all devices (fsdp), whatever mesh the run trained on."""
+    config = load_config(os.path.join(_workdir(path), "config.yaml"), overrides)
+    setup = make_train_setup(config, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)))
+    restored = load_init_params(path, setup)
+    if restored.missing:
+        raise ValueError(f"{restored.source} lacks params of this model: {', '.join(restored.missing)}")
+    return config, traverse_util.unflatten_dict(restored.params, sep="/")
+
+
+def prompt_example(config: Config, prompt: str, image: Optional[str]) -> dict:
+    """The evaluation example the data pipeline builds for one user `prompt` about `image` (None: no image):
+    "<image>\\n" goes in front of the prompt unless it already holds "<image>"."""
+    text = prompt if image is None or IMAGE_PLACEHOLDER in prompt else f"{IMAGE_PLACEHOLDER}\n{prompt}"
+    example = Example(id="prompt", turns=[("user", text), ("assistant", "(answer)")],
+                      images=[] if image is None else [image])
+    return ExampleEncoder(config, make_tokenizer(config.data, config.model)).eval_example(example)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Answer a prompt about an image with a trained checkpoint.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="training workdir (its latest checkpoint)")
+    source.add_argument("--checkpoint", help="one checkpoint directory: WORKDIR/checkpoints/<step>")
+    parser.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config, params = load_run(args.workdir or args.checkpoint, args.overrides)
+    try:
+        example = prompt_example(config, args.prompt, args.image)
+    except BadSample as bad:
+        raise SystemExit(f"cannot use this prompt/image: {bad}") from None
+    answer, = generate_answers(config, params, [example], args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, rng=jax.random.key(args.seed))
+    print(answer)
+
+
+if __name__ == "__main__":
+    main()
