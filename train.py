@@ -1,6 +1,8 @@
 """Train a LLaVA model: `python train.py --config PATH [--workdir DIR] [--set KEY=VALUE ...]`.
 
 Megatron-LM `pretrain_vlm.py` flags are accepted as aliases for config keys (see README, "Megatron flags").
+Rerunning with the same workdir resumes from its newest checkpoint. Exit status: 0 done, 2 config error,
+75 preempted (SIGTERM: a checkpoint of the current step was saved; run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from llava_jax.train.loop import train   # after config errors are reported: importing jax takes a while
-    train(config, args.workdir or workdir or default_workdir(args.config))
-    return 0
+    from llava_jax.train.preemption import PREEMPTED_EXIT_CODE
+    summary = train(config, args.workdir or workdir or default_workdir(args.config))
+    return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
 
 
 def default_workdir(config_path: str) -> str:

@@ -1,7 +1,8 @@
 """Run metrics: one JSON object per logged step in WORKDIR/metrics.jsonl, TensorBoard scalars in WORKDIR/tb/
 (tensorboardX, no TensorFlow), and a live progress line. Public surface: `MetricsLogger`.
 
-Only process 0 writes; other processes' loggers are silent.
+Only process 0 writes; other processes' loggers are silent. A run resumed at step k first drops the records of
+steps after k (written before the interruption, and a torn last line), so metrics.jsonl holds each step once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, total_steps: int, enabled: bool = True, stream=sys.stdout):
+    def __init__(self, workdir: str, total_steps: int, enabled: bool = True, stream=sys.stdout, start_step: int = 0):
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream
@@ -25,7 +26,9 @@ class MetricsLogger:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            drop_records_after(path, start_step)
+            self._jsonl = open(path, "a")
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def start(self, step: int) -> None:
@@ -65,6 +68,24 @@ class MetricsLogger:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Rewrites the JSONL file at `path` keeping only whole records of steps <= `step`."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= step:
+                kept.append(line.rstrip("\n") + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def _plain(value):
