@@ -1,0 +1,76 @@
+"""Fixed-shape rows from variable-length samples: truncation, right padding, and packing.
+
+Public surface: `fit_length(ids, mask, max_length, image_token_id, example_id)`, `pad_row(sample, ...)` (one
+sample per row) and `pack_rows(dataset, ...)` (greedy first-fit of several samples per row, Grain, resumable).
+Both produce the same row: input_ids, loss_mask, segment_ids (1..k, 0 = padding), positions (from 0 per
+segment) [T]; uint8 pixel_values [I, S, S, 3] (normalised per batch later), image_mask [I] (the row's images in
+token order, zeros after); and the host-only "_ids" / "_bad" (JSON lists) and "_num_samples".
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain
+import numpy as np
+
+from llava_jax.data.bad_samples import BadSample
+
+def fit_length(ids: np.ndarray, mask: np.ndarray, max_length: int, image_token_id: int, example_id: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-truncates to max_length. Never cuts through image tokens: a sample with an image token beyond
+    max_length, or with no supervised token left within it, raises BadSample("too_long")."""
+    if len(ids) <= max_length:
+        return ids, mask
+    if (ids[max_length:] == image_token_id).any():
+        last_image = int(np.nonzero(ids == image_token_id)[0][-1])
+        raise BadSample("too_long", f"{len(ids)} tokens and its image tokens end at {last_image + 1} > "
+                        f"data.max_length={max_length}", example_id)
+    if not mask[:max_length].any():
+        raise BadSample("too_long", f"{len(ids)} tokens and no answer token within data.max_length={max_length}",
+                        example_id)
+    return ids[:max_length], mask[:max_length]
+
+
+def pad_row(sample: dict[str, Any], max_length: int, max_images: int, pad_id: int) -> dict[str, Any]:
+    """One sample right-padded to a row (segment 1; padding has segment 0, position 0, pad_id)."""
+    length, num_images = len(sample["input_ids"]), len(sample["image_mask"])
+    input_ids = np.full(max_length, pad_id, np.int32)
+    input_ids[:length] = sample["input_ids"]
+    loss_mask = np.zeros(max_length, np.float32)
+    loss_mask[:length] = sample["loss_mask"]
+    segment_ids = np.zeros(max_length, np.int32)
+    segment_ids[:length] = 1
+    positions = np.zeros(max_length, np.int32)
+    positions[:length] = np.arange(length)
+    pixel_values = np.zeros((max_images, *sample["pixel_values"].shape[1:]), sample["pixel_values"].dtype)
+    pixel_values[:num_images] = sample["pixel_values"]
+    image_mask = np.zeros(max_images, np.int32)
+    image_mask[:num_images] = 1
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions,
+            "pixel_values": pixel_values, "image_mask": image_mask, "_ids": json.dumps([sample["_id"]]),
+            "_bad": sample["_bad"], "_num_samples": np.int32(1)}
+
+
+def _packed_to_row(packed: dict[str, Any]) -> dict[str, Any]:
+    bad = [entry for entries in packed["_bad"] for entry in json.loads(entries)]
+    return {"input_ids": packed["input_ids"], "loss_mask": packed["loss_mask"],
+            "segment_ids": packed["input_ids_segment_ids"], "positions": packed["input_ids_positions"],
+            "pixel_values": packed["pixel_values"], "image_mask": packed["image_mask"],
+            "_ids": json.dumps(list(packed["_id"])), "_bad": json.dumps(bad),
+            "_num_samples": np.int32(len(packed["_id"]))}
+
+
+def pack_rows(dataset: grain.IterDataset, max_length: int, max_images: int, pad_id: int, num_rows: int
+              ) -> grain.IterDataset:
+    """Greedy first-fit of samples, in stream order, into `num_rows` rows at a time (Grain's FirstFitPack:
+    a row is full when its tokens reach max_length or its images reach max_images). A sample's images land in
+    its row's image slots in the order its image tokens appear, so each row's images fill its image tokens in
+    order. The iterator state is the parent state at the last emitted group plus a row counter: exact resume."""
+    length_struct = {"input_ids": max_length, "loss_mask": max_length, "pixel_values": max_images,
+                     "image_mask": max_images}
+    packed = grain.experimental.FirstFitPackIterDataset(
+        dataset, length_struct=length_struct, num_packing_bins=num_rows, shuffle_bins=False,
+        meta_features=("_id", "_bad"),
+        padding_struct={"input_ids": pad_id, "loss_mask": 0, "pixel_values": 0, "image_mask": 0})
+    return packed.map(_packed_to_row)
