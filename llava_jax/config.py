@@ -169,6 +169,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     micro_batch_size: Optional[int] = None   # per data-parallel replica (Megatron); sets grad_accum_steps
     max_bad_steps: int = 5
+    loss_chunk_size: int = 512   # sequence positions per logits chunk in the loss (0 = full [B, T, V] logits)
     log_every: int = 10
     eval_every: int = 0
     eval_limit: int = 200
@@ -429,6 +430,7 @@ def _validate_train(c: Config) -> None:
     for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "max_bad_steps"):
         _require(getattr(t, name) > 0, f"train.{name}", "must be positive")
     _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(t.loss_chunk_size >= 0, "train.loss_chunk_size", "must be >= 0 (0 = no chunking)")
     _require(t.learning_rate > 0, "train.learning_rate", "must be positive")
     _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")

@@ -9,9 +9,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -28,61 +25,19 @@ from llava_jax.train.metrics import drop_records_after
 from llava_jax.train.preemption import PREEMPTED_EXIT_CODE
 from llava_jax.train.state import make_train_setup
 from tests.helpers import TINY_MODEL
+from tests.run_helpers import RUN_TIMEOUT_S, TrainProcess
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 RUN = TINY_MODEL + [
     "data.source=synthetic", "data.synthetic_size=400", "data.num_threads=1", "data.prefetch=1",
     "train.batch_size=8", f"train.steps={STEPS}", "train.learning_rate=1e-3", "train.warmup_steps=2",
     "train.stage=full", "train.log_every=1", "checkpoint.every_steps=4", "checkpoint.keep=2",
     "checkpoint.keep_every=8", "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
-RUN_TIMEOUT_S = 300
-POLL_S = 0.01
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-class TrainProcess:
-    """`python train.py --config CONFIG --workdir WORKDIR [--set ...]`; its output goes to WORKDIR.<n>.log for
-    the n-th process started on that workdir."""
-
-    def __init__(self, config_path: str, workdir: str, *overrides: str):
-        self.workdir = workdir
-        self.log_path = next(path for path in (f"{workdir}.{n}.log" for n in range(100)) if not os.path.exists(path))
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-               "JAX_COMPILATION_CACHE_DIR": os.path.join(REPO, ".jax_cache"),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-        command = [sys.executable, "train.py", "--config", config_path, "--workdir", workdir]
-        command += ["--set", *overrides] if overrides else []
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def wait(self, expected_status: int = 0) -> str:
-        try:
-            status = self.process.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise AssertionError(f"train.py did not finish in {RUN_TIMEOUT_S}s:\n{self.output()[-3000:]}")
-        assert status == expected_status, f"exit status {status}:\n{self.output()[-3000:]}"
-        return self.output()
-
-    def wait_until(self, condition, what: str) -> None:
-        deadline = time.time() + RUN_TIMEOUT_S
-        while not condition():
-            assert self.process.poll() is None, f"train.py exited before {what}:\n{self.output()[-3000:]}"
-            assert time.time() < deadline, f"no {what} after {RUN_TIMEOUT_S}s:\n{self.output()[-3000:]}"
-            time.sleep(POLL_S)
-
-    def signal(self, signum: int) -> None:
-        assert self.process.poll() is None, f"train.py finished before the signal:\n{self.output()[-3000:]}"
-        os.kill(self.process.pid, signum)
-
 
 def run_train(config_path: str, workdir: str, *overrides: str) -> str:
     return TrainProcess(config_path, workdir, *overrides).wait()
