@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from llava_jax.cli import add_megatron_flags, megatron_overrides
-from llava_jax.config import load_config
+from llava_jax.config import ConfigError, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +34,11 @@ def main(argv=None) -> int:
         return 2
     from llava_jax.train.loop import train   # after config errors are reported: importing jax takes a while
     from llava_jax.train.preemption import PREEMPTED_EXIT_CODE
-    summary = train(config, args.workdir or workdir or default_workdir(args.config))
+    try:
+        summary = train(config, args.workdir or workdir or default_workdir(args.config))
+    except ConfigError as e:   # settings that only fail against the devices (mesh shape, batch split)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
 
 

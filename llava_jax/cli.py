@@ -67,6 +67,8 @@ def megatron_overrides(args: argparse.Namespace) -> tuple[list[str], str | None]
     """Config overrides implied by Megatron flags (applied before --set), and the --save workdir if given."""
     overrides = [f"{key}={getattr(args, _dest(flag))}" for flag, (key, _) in MEGATRON_FLAGS.items()
                  if getattr(args, _dest(flag)) is not None]
+    if args.megatron_num_attention_heads is not None and args.megatron_num_query_groups is None:
+        overrides.append(f"model.decoder.num_kv_heads={args.megatron_num_attention_heads}")   # Megatron: MHA
     img_h, img_w = (getattr(args, _dest(f)) for f in IMAGE_SIZE_FLAGS)
     if img_h is not None or img_w is not None:
         if img_h is not None and img_w is not None and img_h != img_w:

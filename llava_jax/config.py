@@ -1,8 +1,9 @@
 """Typed run configuration: the single source of truth for defaults.
 
 Public surface: `Config` (model / data / train / mesh / checkpoint sections), `load_config(path, overrides)`,
-`config_from_dict`, `config_to_dict`, `config_to_yaml`, `save_config`. YAML files and `key=value` overrides only
-override dataclass defaults; every value is type-checked and cross-checked, and errors name the dotted key.
+`config_from_dict`, `config_to_dict`, `config_to_yaml`, `save_config`, `ConfigError` (a ValueError). YAML files
+and `key=value` overrides only override dataclass defaults; every value is type-checked and cross-checked, and
+errors name the dotted key.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
-    attention: Literal["xla", "cudnn", "splash"] = "xla"
+    attention: Literal["xla", "cudnn", "splash"] = "xla"   # kernel; see llava_jax/models/attention.py
 
     @property
     def vision_layers_used(self) -> int:
@@ -199,6 +200,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
 
 
 # --------------------------------------------------------------------------------------------- dict <-> dataclass
@@ -372,11 +377,13 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     try:
         return config_from_dict(values)
     except ValueError as e:
-        raise ValueError(f"{path or '<defaults>'}: {e}") from None
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ validation
 
+# Splash attention tiles sequences in blocks of this many tokens (a multiple of the TPU's 128 lanes).
+SPLASH_BLOCK = 128
 _VISION_DEFAULTS = {"clip": ("quick_gelu", 1e-5), "siglip": ("gelu_tanh", 1e-6)}
 
 
@@ -420,9 +427,29 @@ def _validate_model(m: ModelConfig) -> None:
         _require(side * side == tokens and side % 2 == 0, "model.projector.pixel_shuffle",
                  f"needs an even square grid of vision tokens, got {tokens} (with a class token use "
                  "vision_feature_select_strategy=default on CLIP)")
+
+
+def _validate_attention(c: Config) -> None:
+    """The limits of the kernel `model.attention` names (llava_jax/models/attention.py), for both towers."""
+    m = c.model
+    head_dims = {"model.decoder.head_dim": m.decoder.head_dim,
+                 "model.vision.hidden_size / num_heads": m.vision.hidden_size // m.vision.num_heads}
+    if m.attention == "cudnn":
+        _require(not c.data.pack, "model.attention",
+                 "cudnn receives padding as per-row lengths and cannot mask packed segments (data.pack=true); "
+                 "set data.pack=false or use model.attention=xla or splash")
+        _require(m.dtype != "float32", "model.attention",
+                 "cudnn flash attention runs in bfloat16 or float16; set model.dtype=bfloat16")
+        for key, dim in head_dims.items():
+            _require(dim % 8 == 0 and dim <= 256, "model.attention",
+                     f"cudnn needs head dims that are multiples of 8 up to 256 (128 before Hopper); {key} = {dim}")
     if m.attention == "splash":
-        _require(d.head_dim % 128 == 0 or d.head_dim == 64, "model.attention",
-                 f"splash needs head_dim 64 or a multiple of 128, got {d.head_dim}")
+        for key, dim in head_dims.items():
+            _require(dim == 64 or dim % 128 == 0, "model.attention",
+                     f"splash needs head dims of 64 or a multiple of 128; {key} = {dim}")
+        _require(c.data.max_length % SPLASH_BLOCK == 0, "data.max_length",
+                 f"{c.data.max_length} must be a multiple of {SPLASH_BLOCK} with model.attention=splash (its block "
+                 f"size), e.g. {-(-c.data.max_length // SPLASH_BLOCK) * SPLASH_BLOCK}")
 
 
 def _validate_train(c: Config) -> None:
@@ -485,5 +512,6 @@ def validate(config: Config) -> None:
     _validate_model(config.model)
     _validate_train(config)
     _validate_data(config)
+    _validate_attention(config)
     _validate_mesh(config.mesh)
     _validate_checkpoint(config.checkpoint)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from llava_jax.config import MeshConfig
+from llava_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -44,11 +44,11 @@ def resolve_mesh_shape(mesh_config: MeshConfig, device_count: int) -> tuple[int,
     for name, size in sizes.items():
         if size == -1:
             if device_count % fixed:
-                raise ValueError(f"mesh.{name}=-1: {device_count} devices are not divisible by the other mesh "
+                raise ConfigError(f"mesh.{name}=-1: {device_count} devices are not divisible by the other mesh "
                                  f"axes' product {fixed} ({_describe(sizes)})")
             sizes[name] = device_count // fixed
     if int(np.prod(list(sizes.values()))) != device_count:
-        raise ValueError(f"mesh: {_describe(sizes)} has {int(np.prod(list(sizes.values())))} devices but "
+        raise ConfigError(f"mesh: {_describe(sizes)} has {int(np.prod(list(sizes.values())))} devices but "
                          f"{device_count} are available; set mesh.data/mesh.fsdp/mesh.tensor so their product is "
                          f"{device_count} (one of them may be -1)")
     return sizes["data"], sizes["fsdp"], sizes["tensor"]

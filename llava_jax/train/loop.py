@@ -91,6 +91,7 @@ def train(config: Config, workdir: str) -> dict:
                 break
     finally:
         checkpointer.close()   # commits a save still in flight, also when training failed
+        data.close()
         preemption.close()
         logger.close()
     return {"final_step": step, "preempted": preempted, "compile_time_s": compile_time,

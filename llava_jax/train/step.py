@@ -18,14 +18,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from llava_jax.config import Config
+from llava_jax.config import Config, ConfigError
+from llava_jax.data.images import image_stats, normalize_pixels
 from llava_jax.models.llava import LlavaModel
 from llava_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding
 from llava_jax.train.loss import cross_entropy_sums
 from llava_jax.train.optimizer import learning_rate_schedule, merge_params, split_params
 from llava_jax.train.state import TrainSetup, TrainState
 
-# Device-side batch: input_ids / loss_mask / segment_ids / positions [B, T], pixel_values [B, I, H, W, 3],
+# Device-side batch: input_ids / loss_mask / segment_ids / positions [B, T], pixel_values uint8 [B, I, H, W, 3]
+# (raw RGB; normalised inside the step with data.images.normalize_pixels, zero where image_mask is 0),
 # image_mask [B, I]. loss_mask[b, t] = 1 iff input_ids[b, t] is a supervised target (predicted at t - 1).
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_mask")
 
@@ -49,10 +51,12 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
     config, model, tx, frozen = setup.config, setup.model, setup.tx, setup.frozen
     num_micro = config.train.grad_accum_steps
     schedule = learning_rate_schedule(config.train, config.train.learning_rate)
+    pixel_mean, pixel_std = image_stats(config)    # the host-side eval/generate normalisation uses the same
 
     def micro_loss(trainable, frozen_params, micro):
         variables = {"params": merge_params(trainable, frozen_params)}
-        hidden = model.apply(variables, micro["input_ids"], micro["pixel_values"], image_mask=micro["image_mask"],
+        pixels = normalize_pixels(micro["pixel_values"], micro["image_mask"], pixel_mean, pixel_std)
+        hidden = model.apply(variables, micro["input_ids"], pixels, image_mask=micro["image_mask"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True)
         head = lambda h: model.apply(variables, h, method=LlavaModel.logits)  # noqa: E731
         return cross_entropy_sums(hidden, head, micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
@@ -110,7 +114,7 @@ def abstract_batch(config: Config, mesh: Mesh, batch_size: int | None = None) ->
     shapes = {
         "input_ids": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.float32), "segment_ids": ((b, t), jnp.int32),
         "positions": ((b, t), jnp.int32), "image_mask": ((b, i), jnp.int32),
-        "pixel_values": ((b, i, v.image_size, v.image_size, v.num_channels), jnp.float32),
+        "pixel_values": ((b, i, v.image_size, v.image_size, v.num_channels), jnp.uint8),
     }
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
@@ -123,15 +127,15 @@ def resolve_batch_layout(config: Config, mesh: Mesh) -> None:
     if t.micro_batch_size is not None:
         rows = t.micro_batch_size * replicas
         if t.batch_size % rows:
-            raise ValueError(f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size="
+            raise ConfigError(f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size="
                              f"{t.micro_batch_size} x data-parallel replicas {replicas}")
         if t.grad_accum_steps not in (1, t.batch_size // rows):
-            raise ValueError(f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.micro_batch_size="
+            raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} contradicts train.micro_batch_size="
                              f"{t.micro_batch_size} (which implies {t.batch_size // rows}); set only one")
         t.grad_accum_steps = t.batch_size // rows
     micro = t.batch_size // t.grad_accum_steps
     if micro % replicas:
-        raise ValueError(f"train.batch_size: {t.batch_size} / train.grad_accum_steps={t.grad_accum_steps} = {micro} "
+        raise ConfigError(f"train.batch_size: {t.batch_size} / train.grad_accum_steps={t.grad_accum_steps} = {micro} "
                          f"rows per micro-batch is not divisible by mesh data x fsdp = {replicas}")
 
 
