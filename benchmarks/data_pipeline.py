@@ -4,8 +4,9 @@
 
 Prints one JSON object: median samples/s of both over alternating rounds, their ratio (goal: pipeline >= 0.8 x
 bare), and process CPU ms per sample (steadier than rates on a shared machine). The pipeline is
-llava_json -> JPEG decode -> pad/resize -> normalise -> byte tokenizer + vicuna_v1 template + 576 image tokens ->
-padded rows -> batches, with the default CLIP-336 model config.
+llava_json -> JPEG decode -> pad/resize -> uint8 arrays -> byte tokenizer + vicuna_v1 template + 576 image tokens ->
+padded rows -> batches, with the default CLIP-336 model config: exactly what the train loop gets (pixels stay
+uint8; the train step normalises them on device).
 """
 import argparse
 import json
@@ -71,6 +72,7 @@ def make_pipeline(json_path: str, args):
     for _ in range(args.images // args.batch_size):                                # start-up and one warm pass
         batch = next(iterator)
     assert batch["pixel_values"].shape == (args.batch_size, 1, args.size, args.size, 3)
+    assert batch["pixel_values"].dtype == np.uint8
     return iterator
 
 

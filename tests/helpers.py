@@ -11,7 +11,8 @@ TINY_MODEL = [
 
 
 def random_batch(config, seed: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """One image per row placed after a 2-token prefix; ~70 % of the text after the image supervised."""
+    """One image per row placed after a 2-token prefix; ~70 % of the text after the image supervised; raw uint8
+    pixels, as the data pipeline delivers them (the train step normalises)."""
     rng = np.random.RandomState(seed)
     b = batch_size or config.train.batch_size
     t, n, v = config.data.max_length, config.model.tokens_per_image, config.model.vision
@@ -22,6 +23,6 @@ def random_batch(config, seed: int, batch_size: int | None = None) -> dict[str, 
     return {
         "input_ids": input_ids, "loss_mask": loss_mask,
         "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-        "pixel_values": rng.randn(b, 1, v.image_size, v.image_size, v.num_channels).astype(np.float32),
+        "pixel_values": rng.randint(0, 256, (b, 1, v.image_size, v.image_size, v.num_channels)).astype(np.uint8),
         "image_mask": np.ones((b, 1), np.int32),
     }

@@ -5,7 +5,8 @@ from data_helpers import write_image
 from PIL import Image
 
 from llava_jax.data.bad_samples import BadSample
-from llava_jax.data.images import CLIP_MEAN, CLIP_STD, ImageProcessor, image_stats, open_image, to_rgb
+from llava_jax.data.images import (CLIP_MEAN, CLIP_STD, ImageProcessor, image_stats, normalize_pixels, open_image,
+                                   to_rgb)
 
 
 def pixel(image):
@@ -79,6 +80,20 @@ def test_normalize_zeroes_the_slots_without_an_image(tiny_config):
     out = processor.normalize(pixels, np.array([[1, 1, 0], [1, 0, 0]]))
     assert out.dtype == np.float32 and (out[0, 2] == 0).all() and (out[1, 1:] == 0).all()
     np.testing.assert_allclose(out[1, 0, 5, 5], (200 / 255 - np.array(CLIP_MEAN)) / CLIP_STD, rtol=1e-5)
+
+
+def test_normalize_pixels_inside_jit_matches_the_formula_and_the_host_path(tiny_config):
+    """The train step normalises uint8 batches on device with the function evaluation uses on the host."""
+    import jax
+    config = tiny_config()
+    mean, std = image_stats(config)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 28, 28, 3), dtype=np.uint8)
+    image_mask = np.array([[1, 1, 0], [1, 0, 0]], np.int32)
+    on_device = np.asarray(jax.jit(lambda p, m: normalize_pixels(p, m, mean, std))(pixels, image_mask))
+    expected = (pixels / 255.0 - np.array(mean)) / np.array(std) * image_mask[..., None, None, None]
+    assert on_device.dtype == np.float32 and not on_device[image_mask == 0].any()
+    np.testing.assert_allclose(on_device, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ImageProcessor(config).normalize(pixels, image_mask), on_device, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_image_files_raise_bad_sample_with_reason(tmp_path):

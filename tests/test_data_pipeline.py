@@ -28,7 +28,7 @@ def test_batches_have_the_documented_layout(tiny_config):
     shapes = {k: (v.shape, v.dtype.name) for k, v in batch.items() if not k.startswith("_")}
     assert shapes == {"input_ids": ((4, 64), "int32"), "loss_mask": ((4, 64), "float32"),
                       "segment_ids": ((4, 64), "int32"), "positions": ((4, 64), "int32"),
-                      "pixel_values": ((4, 1, 28, 28, 3), "float32"), "image_mask": ((4, 1), "int32")}
+                      "pixel_values": ((4, 1, 28, 28, 3), "uint8"), "image_mask": ((4, 1), "int32")}
     assert image_token_counts(batch, 299).tolist() == (batch["image_mask"].sum(1) * 16).tolist()
     real = batch["segment_ids"] > 0
     assert (batch["input_ids"][~real] == 256).all() and (batch["loss_mask"][~real] == 0).all()

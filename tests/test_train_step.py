@@ -3,9 +3,12 @@ import jax
 import numpy as np
 import pytest
 
+from llava_jax.data.images import ImageProcessor
+from llava_jax.models.llava import LlavaModel
 from llava_jax.sharding import host_batch_to_global, make_mesh
 from llava_jax.train.guards import StopTraining, check_step_metrics as _check_step
 from llava_jax.train.state import make_train_setup
+from llava_jax.train.loss import cross_entropy_sums
 from llava_jax.train.step import compile_train_step, jit_train_step
 from tests.helpers import TINY_MODEL, random_batch
 
@@ -89,12 +92,34 @@ def test_non_finite_step_is_skipped_and_counted(tiny_config):
     state = setup.init_state(0)
     before = jax.device_get(state.params)
     batch = random_batch(config, 0)
-    batch["pixel_values"][0] = np.nan
+    batch["loss_mask"][0, -1] = np.nan             # (uint8 pixels cannot carry a NaN) -> NaN loss and gradients
     state, metrics = compile_train_step(setup)(state, host_batch_to_global(batch, mesh))
     assert float(metrics["finite"]) == 0.0
     assert int(state.bad_steps) == 1 and int(state.step) == 1
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.params))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_step_normalises_uint8_pixels_like_the_evaluation_path(tiny_config):
+    """The step takes raw uint8 pixels: its loss equals the model's loss on pixels normalised on the host by
+    ImageProcessor.normalize (evaluation / generation). Slot 1 holds junk with image_mask 0."""
+    config = tiny_config(*STEP_CONFIG, "train.stage=pretrain", "data.max_images=2", *mesh_overrides(1, 1, 1))
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    setup = make_train_setup(config, mesh)
+    state = setup.init_state(0)
+    params = jax.device_get(state.params)
+    batch = random_batch(config, 0)
+    batch["pixel_values"] = np.concatenate([batch["pixel_values"], batch["pixel_values"][:, :, ::-1]], axis=1)
+    batch["image_mask"] = np.array([[1, 0]] * len(batch["image_mask"]), np.int32)
+    _, metrics = compile_train_step(setup)(state, host_batch_to_global(batch, mesh))
+
+    pixels = ImageProcessor(config).normalize(batch["pixel_values"], batch["image_mask"])
+    model = LlavaModel(config.model)
+    hidden = model.apply({"params": params}, batch["input_ids"], pixels, image_mask=batch["image_mask"],
+                         segment_ids=batch["segment_ids"], positions=batch["positions"], return_hidden=True)
+    head = lambda h: model.apply({"params": params}, h, method=LlavaModel.logits)  # noqa: E731
+    loss_sum, count = cross_entropy_sums(hidden, head, batch["input_ids"], batch["loss_mask"])
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss_sum / count), rtol=1e-5)
 
 
 def test_training_halts_after_max_bad_steps_in_a_row():

@@ -1,10 +1,10 @@
 """One example from any source -> model inputs: a training sample or an evaluation prompt.
 
 Public surface: `Example` (what every source yields) and `ExampleEncoder(config, tokenizer)` with
-`sample(example)` (input_ids, loss_mask, uint8 pixel_values [k, S, S, 3], image_mask [k], "_id"),
-`eval_example(example)` and `normalize_batch(batch)`. `sample` and `eval_example` raise BadSample for malformed
-conversations, <image>/image count mismatches, too many images, too long sequences and unreadable images
-(checked in that order, so images are decoded last).
+`sample(example)` (input_ids, loss_mask, uint8 pixel_values [k, S, S, 3], image_mask [k], "_id") and
+`eval_example(example)` (float32 pixel_values, normalised with `images.normalize_pixels`). `sample` and
+`eval_example` raise BadSample for malformed conversations, <image>/image count mismatches, too many images, too
+long sequences and unreadable images (checked in that order, so images are decoded last).
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ class ExampleEncoder:
 
     def sample(self, example: Example) -> dict[str, Any]:
         """A training sample: input_ids int32 [L], loss_mask float32 [L] (L <= data.max_length), pixel_values
-        uint8 [k, S, S, 3] (normalised per batch), image_mask int32 [k] (k = the example's images) and "_id"."""
+        uint8 [k, S, S, 3] (normalised on device by the train step), image_mask int32 [k] (k = the example's
+        images) and "_id"."""
         self._check(example)
         ids, mask = encode_pieces(render(self.template, example.turns, self.system_prompt), self.tokenizer,
                                   self.tokens_per_image)
@@ -96,14 +97,10 @@ class ExampleEncoder:
         return {"input_ids": ids, "loss_mask": mask, "pixel_values": self._pixels(example, num_images),
                 "image_mask": np.ones(num_images, np.int32), "_id": example.id}
 
-    def normalize_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Grain map over batches: pixel_values uint8 -> float32 normalised (zeros where image_mask is 0)."""
-        batch["pixel_values"] = self.images.normalize(batch["pixel_values"], batch["image_mask"])
-        return batch
-
     def eval_example(self, example: Example) -> dict[str, Any]:
-        """id, prompt_ids int32 [L] (up to where the last answer starts), pixel_values float32 [I, S, S, 3],
-        image_mask int32 [I] (I = data.max_images) and answers (reference texts)."""
+        """id, prompt_ids int32 [L] (up to where the last answer starts), pixel_values float32 [I, S, S, 3]
+        (`images.normalize_pixels`: zeros where there is no image), image_mask int32 [I] (I = data.max_images)
+        and answers (reference texts)."""
         self._check(example)
         prompt_ids, _ = encode_pieces(generation_prompt(self.template, example.turns, self.system_prompt),
                                       self.tokenizer, self.tokens_per_image)

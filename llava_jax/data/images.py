@@ -1,7 +1,10 @@
 """Images: decode (file path, encoded bytes, array or PIL image) -> RGB -> square -> tower size -> normalised.
 
 Public surface: `open_image(ref) -> PIL RGB image` (raises BadSample), `to_rgb(image)`, `image_stats(config)`,
+`normalize_pixels(pixels, image_mask, mean, std)` (THE normalisation: jitted train step, evaluation, generation),
 `ImageProcessor(config)`: `(ref) -> uint8 [S, S, 3]` and `.normalize(pixels, image_mask) -> float32`.
+Training batches carry uint8 pixels (4x less to copy on the host and to send to devices); the train step
+normalises them on device.
 Aspect (data.image_aspect): `pad` to a square with the mean colour (LLaVA-1.5), `resize` (stretch), `center_crop`
 (shortest side to S, then crop).
 """
@@ -11,6 +14,8 @@ import io
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -29,6 +34,19 @@ def image_stats(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of the vision tower's kind, unless data.image_mean / data.image_std override them."""
     mean, std = _STATS_BY_KIND[config.model.vision.kind]
     return tuple(config.data.image_mean or mean), tuple(config.data.image_std or std)
+
+
+def normalize_pixels(pixels, image_mask, mean, std) -> jnp.ndarray:
+    """uint8 pixels [..., I, S, S, 3] -> float32 (pixels / 255 - mean) / std per channel; image slots whose
+    image_mask [..., I] is 0 (no image) become exactly 0. Works inside jit and on host (numpy) arrays."""
+    scale = jnp.asarray(1.0 / (255.0 * np.asarray(std, np.float64)), jnp.float32)         # [3]
+    offset = jnp.asarray(-np.asarray(mean, np.float64) / np.asarray(std, np.float64), jnp.float32)
+    normalized = jnp.asarray(pixels).astype(jnp.float32) * scale + offset
+    has_image = jnp.asarray(image_mask)[..., None, None, None] != 0
+    return jnp.where(has_image, normalized, 0.0)
+
+
+_normalize_pixels_jit = jax.jit(normalize_pixels, static_argnums=(2, 3))   # one fused pass (eager: ~20x slower)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -84,16 +102,13 @@ def open_image(ref: Any) -> Image.Image:
 
 class ImageProcessor:
     """`processor(ref)` -> uint8 [S, S, 3] (decoded, squared, resized); `processor.normalize(pixels, image_mask)`
-    -> float32, applied once per batch (uint8 rows are 4x cheaper to copy, pad, pack and batch)."""
+    -> float32 numpy via `normalize_pixels` (evaluation and generation; training normalises on device)."""
 
     def __init__(self, config):
         self.size = config.model.vision.image_size
         self.aspect = config.data.image_aspect
-        mean, std = image_stats(config)
-        self.mean_color = tuple(int(round(255 * m)) for m in mean)
-        # (x / 255 - mean) / std = x * scale + offset, tiled along an image row so numpy's inner loop is long
-        self.row_scale = np.tile(1.0 / (255.0 * np.asarray(std)), self.size).astype(np.float32)
-        self.row_offset = np.tile(-np.asarray(mean) / np.asarray(std), self.size).astype(np.float32)
+        self.mean, self.std = image_stats(config)
+        self.mean_color = tuple(int(round(255 * m)) for m in self.mean)
 
     def square(self, image: Image.Image) -> Image.Image:
         width, height = image.size
@@ -116,11 +131,5 @@ class ImageProcessor:
         return np.asarray(self.square(open_image(ref)))
 
     def normalize(self, pixels: np.ndarray, image_mask: np.ndarray) -> np.ndarray:
-        """uint8 [..., I, S, S, 3] -> float32 normalised with the tower's mean/std; slots with image_mask 0
-        (no image) become zeros."""
-        rows = np.ascontiguousarray(pixels).reshape(-1, self.size * 3)
-        normalized = np.multiply(rows, self.row_scale, dtype=np.float32)
-        normalized += self.row_offset
-        normalized = normalized.reshape(pixels.shape)
-        normalized[np.asarray(image_mask) == 0] = 0.0
-        return normalized
+        """uint8 [..., I, S, S, 3] -> float32 numpy, `normalize_pixels` with the tower's mean/std."""
+        return np.asarray(_normalize_pixels_jit(pixels, image_mask, self.mean, self.std))

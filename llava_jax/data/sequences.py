@@ -3,8 +3,8 @@
 Public surface: `fit_length(ids, mask, max_length, image_token_id, example_id)`, `pad_row(sample, ...)` (one
 sample per row) and `pack_rows(dataset, ...)` (greedy first-fit of several samples per row, Grain, resumable).
 Both produce the same row: input_ids, loss_mask, segment_ids (1..k, 0 = padding), positions (from 0 per
-segment) [T]; uint8 pixel_values [I, S, S, 3] (normalised per batch later), image_mask [I] (the row's images in
-token order, zeros after); and the host-only "_ids" / "_bad" (JSON lists) and "_num_samples".
+segment) [T]; uint8 pixel_values [I, S, S, 3] (normalised on device by the train step), image_mask [I] (the
+row's images in token order, zeros after); and the host-only "_ids" / "_bad" (JSON lists) and "_num_samples".
 """
 from __future__ import annotations
 
