@@ -2,7 +2,8 @@
 `embed(ids) -> [B, T, E]`, `__call__(embeds, positions, segment_ids, cache_length=None) -> hidden [B, T, E]` and
 `logits(hidden) -> [B, T, V] float32`. With `cache_length` it runs on a static KV cache (see `CacheSlots`).
 
-RMSNorm, RoPE (rotate-half), grouped-query attention, SwiGLU, optional q/k/v bias, tied or untied output.
+RMSNorm, RoPE (rotate-half), grouped-query attention, SwiGLU, optional q/k/v bias, tied or untied output. Attention
+runs the `model.attention` kernel, except on the KV cache, which always runs the xla kernel.
 """
 from __future__ import annotations
 
@@ -13,22 +14,23 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import ModelConfig
-from llava_jax.models.layers import (Attention, Embed, Mlp, RMSNorm, constrain, dense, make_attention_mask,
-                                     make_layer_stack, run_layer_stack)
+from llava_jax.models.layers import (Attention, CachedKeys, Embed, Mlp, RMSNorm, constrain, dense, make_layer_stack,
+                                     run_layer_stack)
 
 
 class DecoderBlock(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
-                 cache_index: Optional[jax.Array] = None):
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 cache: Optional[CachedKeys] = None):
         d = self.config.decoder
         dtype = jnp.dtype(self.config.dtype)
         h = RMSNorm(d.rms_norm_eps, dtype, name="input_layernorm")(x)
         attention = Attention(d.num_heads, d.num_kv_heads, d.head_dim, d.hidden_size, qkv_bias=d.qkv_bias,
-                              out_bias=False, rope_theta=d.rope_theta, dtype=dtype, name="self_attn")
-        x = x + attention(h, mask, positions, cache_index)
+                              out_bias=False, causal=True, kernel=self.config.attention, rope_theta=d.rope_theta,
+                              dtype=dtype, name="self_attn")
+        x = x + attention(h, segment_ids, positions, cache)
         h = RMSNorm(d.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
         x = x + Mlp(d.hidden_size, d.mlp_dim, "silu", gated=True, use_bias=False, dtype=dtype, name="mlp")(h)
         return constrain(x), None
@@ -38,13 +40,13 @@ class CacheSlots(nn.Module):
     """KV-cache bookkeeping shared by all layers ("cache" collection, no params): the segment id and position of
     each of the `length` cache slots and the next slot to write (one index for the whole batch).
 
-    Each call appends its tokens at that index and returns (mask [B, T, length], write index). A query sees the
+    Each call appends its tokens at that index and returns the `CachedKeys` its layers attend to. A query sees the
     slots of its own segment at an earlier or equal position; slots not written yet keep segment 0 (padding),
     so real tokens never see them, and padded prompt rows (segment 0) only ever see padding.
     """
 
     @nn.compact
-    def __call__(self, segment_ids: jax.Array, positions: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, segment_ids: jax.Array, positions: jax.Array, length: int) -> CachedKeys:
         batch = segment_ids.shape[0]
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         slot_segments = self.variable("cache", "segment_ids", jnp.zeros, (batch, length), jnp.int32)
@@ -55,9 +57,7 @@ class CacheSlots(nn.Module):
         slot_positions.value = jax.lax.dynamic_update_slice_in_dim(
             slot_positions.value, positions.astype(jnp.int32), start, axis=1)
         index.value = start + segment_ids.shape[1]
-        mask = make_attention_mask(segment_ids, slot_segments.value, causal=True, query_positions=positions,
-                                   key_positions=slot_positions.value)
-        return mask, start
+        return CachedKeys(slot_segments.value, slot_positions.value, start)
 
 
 class LanguageModel(nn.Module):
@@ -83,11 +83,8 @@ class LanguageModel(nn.Module):
         `cache_length` (static) switches to KV-cache mode: apply with mutable=["cache"]; the first call creates a
         cache of that many slots (prefill), later calls append to it (decode steps).
         """
-        if cache_length is None:
-            mask, cache_index = make_attention_mask(segment_ids, segment_ids, causal=True), None
-        else:
-            mask, cache_index = self.cache_slots(segment_ids, positions, cache_length)
-        x = run_layer_stack(self.layers, constrain(embeds), mask, positions, cache_index)
+        cache = None if cache_length is None else self.cache_slots(segment_ids, positions, cache_length)
+        x = run_layer_stack(self.layers, constrain(embeds), segment_ids, positions, cache)
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,16 +1,19 @@
 """Building blocks shared by the vision tower and the decoder: dense layers with logical axes, norms, MLP,
-attention (GQA, optional RoPE, segment/causal masks), and layer stacking (nn.scan + remat).
+attention (GQA, optional RoPE, segment/causal masks, a KV cache; kernels in `attention.py`), and layer stacking
+(nn.scan + remat).
 
 Every parameter carries logical axis names (see `llava_jax.sharding.LOGICAL_RULES`); params are float32 and the
 compute dtype is passed in. Softmax, norms and RoPE run in float32.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from llava_jax.models.attention import attention
 
 Dtype = Any
 INIT_STD = 0.02
@@ -128,38 +131,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def make_attention_mask(query_segments: jax.Array, key_segments: jax.Array, causal: bool,
-                        query_positions: Optional[jax.Array] = None,
-                        key_positions: Optional[jax.Array] = None) -> jax.Array:
-    """Boolean mask [B, T, S]: a query sees keys of its own segment and, if causal, not later ones.
-
-    Segment id 0 marks padding; padding sees only padding, so no row is ever fully masked. Causality compares
-    `positions` when given (needed for a KV cache), else sequence indices.
-    """
-    mask = query_segments[:, :, None] == key_segments[:, None, :]
-    if causal:
-        if query_positions is None:
-            t, s = query_segments.shape[1], key_segments.shape[1]
-            mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
-        else:
-            mask = mask & (query_positions[:, :, None] >= key_positions[:, None, :])
-    return mask
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D] (K divides H), mask [B, T, S] -> [B, T, H, D].
-
-    Scores and softmax are float32 whatever the compute dtype.
-    """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, head_dim)
+class CachedKeys(NamedTuple):
+    """What a KV-cache step attends to (built by the decoder's CacheSlots): the segment id and position of each
+    cache slot, [B, slots] each, and the slot this step's keys/values are written at."""
+    segment_ids: jax.Array
+    positions: jax.Array
+    write_index: jax.Array
 
 
 def write_kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, index: jax.Array, length: int
@@ -175,21 +152,25 @@ def write_kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, index: jax.Arr
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention with optional RoPE. Projections are Dense(H*D) + reshape."""
+    """Multi-head / grouped-query self-attention with optional RoPE. Projections are Dense(H*D) + reshape; the core
+    is the `kernel` of llava_jax.models.attention (segment ids: 0 = padding, None = one unpadded segment)."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
     hidden_size: int
     qkv_bias: bool
     out_bias: bool
+    causal: bool
+    kernel: str = "xla"
     rope_theta: Optional[float] = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: Optional[jax.Array], positions: Optional[jax.Array] = None,
-                 cache_index: Optional[jax.Array] = None) -> jax.Array:
-        """With `cache_index` (KV-cache mode, see `write_kv_cache`) the keys/values of x are written into the cache
-        at that slot and queries attend to the whole cache; `mask` is then [B, T, cache slots]."""
+    def __call__(self, x: jax.Array, segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
+                 cache: Optional[CachedKeys] = None) -> jax.Array:
+        """x [B, T, E], segment_ids / positions [B, T]. With `cache` (KV-cache mode, see `write_kv_cache`) the keys
+        and values of x are written into the cache and queries attend to every cache slot, causally by position;
+        that path always runs the xla kernel (queries and slots are not aligned, which only it can express)."""
         batch, length, _ = x.shape
         kw = dict(use_bias=self.qkv_bias, dtype=self.dtype)
         q = dense(self.num_heads * self.head_dim, ("embed", "q_heads"), name="q_proj", **kw)(x)
@@ -201,11 +182,16 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, positions, self.rope_theta)
-        if cache_index is not None:
-            k, v = write_kv_cache(self, k, v, cache_index, mask.shape[-1])
         heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
         q = nn.with_logical_constraint(q, heads_axes)
-        out = dot_product_attention(q, k, v, mask)
+        if cache is None:
+            out = attention(q, k, v, query_segment_ids=segment_ids, key_segment_ids=segment_ids, causal=self.causal,
+                            kernel=self.kernel)
+        else:
+            k, v = write_kv_cache(self, k, v, cache.write_index, cache.segment_ids.shape[1])
+            out = attention(q, k, v, query_segment_ids=segment_ids, key_segment_ids=cache.segment_ids,
+                            causal=self.causal, query_positions=positions, key_positions=cache.positions,
+                            kernel="xla")
         out = nn.with_logical_constraint(out, heads_axes).reshape(batch, length, self.num_heads * self.head_dim)
         return dense(self.hidden_size, ("q_heads", "embed"), use_bias=self.out_bias, dtype=self.dtype,
                      name="o_proj")(out)

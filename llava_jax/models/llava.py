@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.config import ModelConfig
+from llava_jax.models.attention import check_trailing_padding
 from llava_jax.models.decoder import LanguageModel
 from llava_jax.models.projector import Projector
 from llava_jax.models.vit import VisionTower
@@ -74,21 +75,24 @@ class LlavaModel(nn.Module):
                  return_hidden: bool = False, cache_length: Optional[int] = None) -> jax.Array:
         """input_ids [B, T] int32 (images pre-expanded), pixel_values [B, I, H, W, 3] or None,
         attention_mask [B, T] (1 = real token), image_mask [B, I] (1 = real image; real images first),
-        segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T].
+        segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T]. Host inputs are
+        checked (image-token counts; with model.attention=cudnn, right padding) before anything runs.
         `cache_length`: run on the decoder's KV cache (see `LanguageModel`; llava_jax.generate drives it)."""
         num_images = 0 if pixel_values is None else pixel_values.shape[1]
-        if not isinstance(input_ids, jax.core.Tracer):
-            check_image_tokens(input_ids, image_mask, num_images, self.config)
-        embeds = self.language_model.embed(input_ids)
-        if num_images:
-            is_image = input_ids == self.config.image_token_id
-            embeds = merge_image_features(embeds, self.encode_images(pixel_values), is_image)
         batch, length = input_ids.shape
         if segment_ids is None:
             segment_ids = (jnp.ones((batch, length), jnp.int32) if attention_mask is None
                            else attention_mask.astype(jnp.int32))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if not isinstance(input_ids, jax.core.Tracer):
+            check_image_tokens(input_ids, image_mask, num_images, self.config)
+        if self.config.attention == "cudnn" and cache_length is None and not isinstance(segment_ids, jax.core.Tracer):
+            check_trailing_padding(segment_ids)
+        embeds = self.language_model.embed(input_ids)
+        if num_images:
+            is_image = input_ids == self.config.image_token_id
+            embeds = merge_image_features(embeds, self.encode_images(pixel_values), is_image)
         hidden = self.language_model(embeds, positions, segment_ids, cache_length)
         return hidden if return_hidden else self.language_model.logits(hidden)
 
