@@ -31,10 +31,13 @@ def read_metrics(workdir):
 
 def test_tiny_run_learns_and_writes_metrics_config_and_tensorboard(tmp_path):
     workdir = str(tmp_path / "run")
-    output = TrainProcess("configs/demo.yaml", workdir, *RUN, "train.steps=40", "mesh.fsdp=8").wait()
+    output = TrainProcess("configs/demo.yaml", workdir, *RUN, "train.steps=40", "mesh.fsdp=8",
+                          "train.eval_every=20", "train.eval_limit=8").wait()
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == list(range(1, 41))
     assert METRIC_KEYS <= set(records[0])
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [20, 40]
+    assert all(r["eval/n"] == 8 and 0 <= r["eval/blind_accuracy"] <= 1 for r in records if "eval/n" in r)
     assert np.mean([r["loss"] for r in records[-5:]]) < 0.8 * np.mean([r["loss"] for r in records[:5]])
     assert load_config(os.path.join(workdir, "config.yaml")).train.steps == 40
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tb")))

@@ -16,6 +16,7 @@ from llava_jax.checkpoint import CHECKPOINT_DIR, RunCheckpointer, restore_or_ini
 from llava_jax.config import Config, save_config
 from llava_jax.data.bad_samples import BadSampleMonitor
 from llava_jax.data.pipeline import make_train_iterator
+from llava_jax.evaluate import evaluate
 from llava_jax.distributed import maybe_initialize_distributed
 from llava_jax.sharding import format_sharding_report, host_batch_to_global, make_mesh, sharding_report
 from llava_jax.train.guards import check_step_metrics
@@ -82,7 +83,11 @@ def train(config: Config, workdir: str) -> dict:
             preempted = preemption.stop_requested(step) and step < config.train.steps
             if preempted or step % config.checkpoint.every_steps == 0 or step == config.train.steps:
                 last["checkpoint_blocking_s"] = checkpointer.save(step, state, data, config)
-            if step % config.train.log_every == 0 or step == config.train.steps or preempted:
+            evaluated = bool(config.train.eval_every) and step % config.train.eval_every == 0
+            if evaluated:
+                scores = evaluate(config, state.params, limit=config.train.eval_limit)
+                last.update({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+            if evaluated or step % config.train.log_every == 0 or step == config.train.steps or preempted:
                 logger.write(step, last)
             logger.progress(step, metrics["loss"], last["tokens_per_s"])
             if preempted:
