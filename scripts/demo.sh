@@ -10,7 +10,9 @@ start=$(date +%s)
 $PY train.py --config configs/demo.yaml --workdir "$WORKDIR" "$@"
 $PY -m llava_jax.evaluate --workdir "$WORKDIR"
 $PY -m llava_jax.data.synthetic --out "$WORKDIR/example" --num 1 --split eval
-image=$(ls "$WORKDIR"/example/images/* | head -n 1)
-echo "question about $image: What color is the circle?"
-$PY -m llava_jax.generate --workdir "$WORKDIR" --image "$image" --prompt "What color is the circle?"
+field() { $PY -c "import json; r = json.load(open('$WORKDIR/example/eval.json'))[0]; print($1)"; }
+image="$WORKDIR/example/$(field "r['image']")"
+question=$(field "r['conversations'][0]['value'].replace('<image>', '').strip()")
+echo "question about $image: $question (reference answer: $(field "r['conversations'][1]['value']"))"
+$PY -m llava_jax.generate --workdir "$WORKDIR" --image "$image" --prompt "$question"
 echo "demo wall time: $(( $(date +%s) - start )) s"
