@@ -3,14 +3,12 @@ config keys; 2 processes x 4 devices train exactly like 1 process x 8 devices.""
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.helpers import TINY_MODEL
-from tests.run_helpers import REPO, TrainProcess
+from tests.run_helpers import TrainProcess
 from train import main as train_main, parse_args
 from llava_jax.cli import megatron_overrides
 from llava_jax.config import load_config
