@@ -30,6 +30,7 @@ def load_bench_config(overrides: Sequence[str] = ()) -> Config:
 def single_device_setup(config: Config):
     """TrainSetup on the first device alone (the benchmark config's mesh is 1 x 1 x 1)."""
     import jax
+
     from llava_jax.sharding import make_mesh
     from llava_jax.train.state import make_train_setup
     return make_train_setup(config, make_mesh(config.mesh, jax.devices()[:1]))

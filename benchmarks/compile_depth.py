@@ -16,8 +16,8 @@ import time
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import jax  # noqa: E402  (after the cache directory is unset)
-
 from _common import emit, load_bench_config, single_device_setup  # noqa: E402
+
 # llava_jax after _common, which puts the repository on sys.path
 from llava_jax.train.step import compile_train_step  # noqa: E402
 

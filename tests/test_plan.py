@@ -85,7 +85,7 @@ def test_cli_prints_one_json_object_with_a_search_and_reads_no_data():
                     "data.tokenizer=/nonexistent/tokenizer.model"]
     command = [sys.executable, "-m", "llava_jax.plan", "--devices", "8", "--device-memory-gib", "1", "--search",
                "--set", *TINY_MODEL, *FSDP_8, *missing_data]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["devices"] == 8 and report["mesh"]["fsdp"] == 8 and report["fits"]
