@@ -74,7 +74,8 @@ def make_attention_mask(query_segment_ids: Optional[jax.Array], key_segment_ids:
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
     """Grouped-query attention as two einsums: q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] or None.
 
-    Scores and softmax are float32 whatever the compute dtype.
+    Scores and softmax are float32 whatever the compute dtype. The softmax is normalised after the value einsum,
+    as flash attention does: the division runs over [.., D] instead of [.., S] and the backward reduces over D.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -82,9 +83,11 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.A
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, head_dim)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))   # shift only: no gradient
+    weights = jnp.exp(scores - row_max)                                            # masked keys: exactly 0
+    normaliser = jnp.einsum("bkgts->btkg", weights)[..., None]
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / normaliser).astype(v.dtype).reshape(batch, length, heads, head_dim)
 
 
 def cudnn_arguments(query_segment_ids: Optional[jax.Array], key_segment_ids: Optional[jax.Array], causal: bool
