@@ -1,6 +1,7 @@
 """Next-token cross-entropy over supervised tokens, without materialising [B, T, V] float32 logits.
 
-Public surface: `cross_entropy_sums(hidden, head, input_ids, loss_mask, chunk_size) -> (sum, count)`.
+Public surface: `cross_entropy_sums(hidden, head, input_ids, loss_mask, chunk_size) -> (sum, count)` and
+`supervised_token_count(loss_mask)` (that count, from the mask alone).
 
 `hidden[:, t]` predicts `input_ids[:, t + 1]`, weighted by `loss_mask[:, t + 1]` (1 = supervised target).
 With `chunk_size > 0` the sequence is cut into chunks of that many positions; each chunk's logits are computed,
@@ -19,6 +20,11 @@ def _chunk_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tu
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((log_z - target_logits) * weights), jnp.sum(weights)
+
+
+def supervised_token_count(loss_mask: jax.Array) -> jax.Array:
+    """Supervised next-token targets in a [B, T] loss mask: the `count` of `cross_entropy_sums`."""
+    return jnp.sum(loss_mask[:, 1:].astype(jnp.float32))
 
 
 def cross_entropy_sums(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], input_ids: jax.Array,

@@ -22,7 +22,7 @@ from llava_jax.config import Config, ConfigError
 from llava_jax.data.images import image_stats, normalize_pixels
 from llava_jax.models.llava import LlavaModel
 from llava_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding
-from llava_jax.train.loss import cross_entropy_sums
+from llava_jax.train.loss import cross_entropy_sums, supervised_token_count
 from llava_jax.train.optimizer import learning_rate_schedule, merge_params, split_params
 from llava_jax.train.state import TrainSetup, TrainState
 
@@ -53,48 +53,53 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
     schedule = learning_rate_schedule(config.train, config.train.learning_rate)
     pixel_mean, pixel_std = image_stats(config)    # the host-side eval/generate normalisation uses the same
 
-    def micro_loss(trainable, frozen_params, micro):
+    def micro_loss(trainable, frozen_params, micro, denominator):
+        """(this micro-batch's CE sum / the global batch's supervised-token count, its token count): gradients
+        come out already normalised for the whole batch."""
         variables = {"params": merge_params(trainable, frozen_params)}
         pixels = normalize_pixels(micro["pixel_values"], micro["image_mask"], pixel_mean, pixel_std)
         hidden = model.apply(variables, micro["input_ids"], pixels, image_mask=micro["image_mask"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True)
         head = lambda h: model.apply(variables, h, method=LlavaModel.logits)  # noqa: E731
-        return cross_entropy_sums(hidden, head, micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
+        loss_sum, count = cross_entropy_sums(hidden, head, micro["input_ids"], micro["loss_mask"],
+                                             config.train.loss_chunk_size)
+        return loss_sum / denominator, count
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def summed_loss_and_grads(trainable, frozen_params, batch):
+    def loss_and_grads(trainable, frozen_params, batch, denominator):
         if num_micro == 1:
-            (loss_sum, count), grads = grad_fn(trainable, frozen_params, batch)
-            return loss_sum, count, grads
+            (loss, count), grads = grad_fn(trainable, frozen_params, batch, denominator)
+            return loss, count, grads
 
         def accumulate(carry, micro):
             loss_acc, count_acc, grads_acc = carry
-            (loss_sum, count), grads = grad_fn(trainable, frozen_params, micro)
+            (loss_sum, count), grads = grad_fn(trainable, frozen_params, micro, denominator)
             return (loss_acc + loss_sum, count_acc + count, jax.tree_util.tree_map(jnp.add, grads_acc, grads)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init,
-                                                   _split_micro_batches(batch, num_micro, setup.mesh))
-        return loss_sum, count, grads
+        (loss, count, grads), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, num_micro, setup.mesh))
+        return loss, count, grads
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trainable, frozen_params = split_params(state.params, frozen)
-        loss_sum, count, grads = summed_loss_and_grads(trainable, frozen_params, batch)
-        denominator = jnp.maximum(count, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
-        loss = loss_sum / denominator
+        denominator = jnp.maximum(supervised_token_count(batch["loss_mask"]), 1.0)
+        loss, count, grads = loss_and_grads(trainable, frozen_params, batch, denominator)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+        def update(operands):
+            updates, new_opt_state = tx.update(grads, operands[1], operands[0])
+            return optax.apply_updates(operands[0], updates), new_opt_state
+
+        new_trainable, new_opt_state = jax.lax.cond(finite, update, lambda operands: operands,
+                                                    (trainable, state.opt_state))
         new_state = state.replace(
             step=state.step + 1,
             bad_steps=state.bad_steps + (~finite).astype(jnp.int32),
-            params=merge_params(keep(new_trainable, trainable), frozen_params),
-            opt_state=keep(new_opt_state, state.opt_state))
+            params=merge_params(new_trainable, frozen_params),
+            opt_state=new_opt_state)
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.optimizer_steps),
             "supervised_tokens": count, "finite": finite.astype(jnp.float32),
