@@ -170,7 +170,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     micro_batch_size: Optional[int] = None   # per data-parallel replica (Megatron); sets grad_accum_steps
     max_bad_steps: int = 5
-    loss_chunk_size: int = 512   # sequence positions per logits chunk in the loss (0 = full [B, T, V] logits)
+    loss_chunk_size: int = 512   # positions per fused loss chunk; chunks without targets are skipped (0 = one chunk)
     log_every: int = 10
     eval_every: int = 0
     eval_limit: int = 200

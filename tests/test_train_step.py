@@ -117,8 +117,8 @@ def test_step_normalises_uint8_pixels_like_the_evaluation_path(tiny_config):
     model = LlavaModel(config.model)
     hidden = model.apply({"params": params}, batch["input_ids"], pixels, image_mask=batch["image_mask"],
                          segment_ids=batch["segment_ids"], positions=batch["positions"], return_hidden=True)
-    head = lambda h: model.apply({"params": params}, h, method=LlavaModel.logits)  # noqa: E731
-    loss_sum, count = cross_entropy_sums(hidden, head, batch["input_ids"], batch["loss_mask"])
+    head = lambda p, h: model.apply({"params": p}, h, method=LlavaModel.logits)  # noqa: E731
+    loss_sum, count = cross_entropy_sums(hidden, head, params, batch["input_ids"], batch["loss_mask"])
     np.testing.assert_allclose(float(metrics["loss"]), float(loss_sum / count), rtol=1e-5)
 
 

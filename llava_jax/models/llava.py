@@ -100,6 +100,12 @@ class LlavaModel(nn.Module):
         return self.language_model.logits(hidden)
 
 
+def head_params(params: dict, config: ModelConfig) -> dict:
+    """The part of a params tree that `LlavaModel.logits` reads: the tied embedding table or `lm_head`."""
+    name = "embed_tokens" if config.decoder.tie_embeddings else "lm_head"
+    return {"language_model": {name: params["language_model"][name]}}
+
+
 def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
     """Smallest (input_ids, pixel_values) that touch every parameter: one image per sample."""
     v = config.vision

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax.config import Config, ConfigError
 from llava_jax.data.images import image_stats, normalize_pixels
-from llava_jax.models.llava import LlavaModel
+from llava_jax.models.llava import LlavaModel, head_params
 from llava_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding
 from llava_jax.train.loss import cross_entropy_sums, supervised_token_count
 from llava_jax.train.optimizer import learning_rate_schedule, merge_params, split_params
@@ -60,10 +60,12 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
         pixels = normalize_pixels(micro["pixel_values"], micro["image_mask"], pixel_mean, pixel_std)
         hidden = model.apply(variables, micro["input_ids"], pixels, image_mask=micro["image_mask"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True)
-        head = lambda h: model.apply(variables, h, method=LlavaModel.logits)  # noqa: E731
-        loss_sum, count = cross_entropy_sums(hidden, head, micro["input_ids"], micro["loss_mask"],
-                                             config.train.loss_chunk_size)
+        loss_sum, count = cross_entropy_sums(hidden, head, head_params(variables["params"], config.model),
+                                             micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
         return loss_sum / denominator, count
+
+    def head(params, hidden):
+        return model.apply({"params": params}, hidden, method=LlavaModel.logits)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
