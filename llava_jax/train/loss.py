@@ -63,7 +63,7 @@ def _chunk(head: Head, params: Any, hidden: jax.Array, targets: jax.Array, weigh
         return loss, None, None
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     probs = jnp.exp(logits - log_z[..., None])
-    d_logits = (jnp.where(vocab == targets[..., None], probs - 1.0, probs) * weights[..., None])
+    d_logits = jnp.where(vocab == targets[..., None], probs - 1.0, probs) * weights[..., None]
     d_params, d_hidden = vjp(d_logits)
     return loss, d_params if grad_params else None, d_hidden if grad_hidden else None
 
@@ -77,8 +77,7 @@ def _scan_chunks(head, params, hidden, targets, weights, grad_params: bool, grad
         h, t, w = xs
 
         def compute(_):
-            loss, d_params, d_hidden = _chunk(head, params, h, t, w, grad_params, grad_hidden)
-            return loss, d_params, (d_hidden if grad_hidden else None)
+            return _chunk(head, params, h, t, w, grad_params, grad_hidden)
 
         def skip(_):
             return jnp.zeros((), jnp.float32), zero_params, (jnp.zeros_like(h) if grad_hidden else None)
