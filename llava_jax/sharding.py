@@ -1,7 +1,7 @@
 """Device mesh and partitioning: one table of logical-axis rules, tree shardings, host-local -> global batches.
 
-Public surface: `MESH_AXES`, `LOGICAL_RULES`, `resolve_mesh_shape`, `make_mesh`, `tree_shardings`, `shardings_like_params`,
-`batch_sharding`, `host_batch_to_global`, `sharding_report`, `format_sharding_report`.
+Public surface: `MESH_AXES`, `LOGICAL_RULES`, `resolve_mesh_shape`, `make_mesh`, `tree_shardings`,
+`shardings_like_params`, `batch_sharding`, `host_batch_to_global`, `sharding_report`, `format_sharding_report`.
 """
 from __future__ import annotations
 
