@@ -49,7 +49,7 @@ def cross_entropy_sums(hidden: jax.Array, head: Head, head_params: Any, input_id
         return jnp.swapaxes(x.reshape(x.shape[0], num_chunks, chunk_size, *x.shape[2:]), 0, 1)
 
     loss = _fused_sums(head, head_params, chunks(hidden), chunks(targets), chunks(weights))
-    return loss, jnp.sum(weights)
+    return loss, supervised_token_count(loss_mask)
 
 
 def _chunk(head: Head, params: Any, hidden: jax.Array, targets: jax.Array, weights: jax.Array,

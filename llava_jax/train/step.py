@@ -53,41 +53,38 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
     schedule = learning_rate_schedule(config.train, config.train.learning_rate)
     pixel_mean, pixel_std = image_stats(config)    # the host-side eval/generate normalisation uses the same
 
+    def head(params, hidden):
+        return model.apply({"params": params}, hidden, method=LlavaModel.logits)
+
     def micro_loss(trainable, frozen_params, micro, denominator):
-        """(this micro-batch's CE sum / the global batch's supervised-token count, its token count): gradients
-        come out already normalised for the whole batch."""
+        """This micro-batch's CE sum / the global batch's supervised-token count: gradients come out already
+        normalised for the whole batch."""
         variables = {"params": merge_params(trainable, frozen_params)}
         pixels = normalize_pixels(micro["pixel_values"], micro["image_mask"], pixel_mean, pixel_std)
         hidden = model.apply(variables, micro["input_ids"], pixels, image_mask=micro["image_mask"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True)
-        loss_sum, count = cross_entropy_sums(hidden, head, head_params(variables["params"], config.model),
-                                             micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
-        return loss_sum / denominator, count
+        loss_sum, _ = cross_entropy_sums(hidden, head, head_params(variables["params"], config.model),
+                                         micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
+        return loss_sum / denominator
 
-    def head(params, hidden):
-        return model.apply({"params": params}, hidden, method=LlavaModel.logits)
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(micro_loss)
 
     def loss_and_grads(trainable, frozen_params, batch, denominator):
         if num_micro == 1:
-            (loss, count), grads = grad_fn(trainable, frozen_params, batch, denominator)
-            return loss, count, grads
+            return grad_fn(trainable, frozen_params, batch, denominator)
 
         def accumulate(carry, micro):
-            loss_acc, count_acc, grads_acc = carry
-            (loss_sum, count), grads = grad_fn(trainable, frozen_params, micro, denominator)
-            return (loss_acc + loss_sum, count_acc + count, jax.tree_util.tree_map(jnp.add, grads_acc, grads)), None
+            loss, grads = grad_fn(trainable, frozen_params, micro, denominator)
+            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (loss, count, grads), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, num_micro, setup.mesh))
-        return loss, count, grads
+        init = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
+        (loss, grads), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, num_micro, setup.mesh))
+        return loss, grads
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trainable, frozen_params = split_params(state.params, frozen)
-        denominator = jnp.maximum(supervised_token_count(batch["loss_mask"]), 1.0)
-        loss, count, grads = loss_and_grads(trainable, frozen_params, batch, denominator)
+        count = supervised_token_count(batch["loss_mask"])
+        loss, grads = loss_and_grads(trainable, frozen_params, batch, jnp.maximum(count, 1.0))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
