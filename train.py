@@ -48,4 +48,6 @@ def default_workdir(config_path: str) -> str:
 
 
 if __name__ == "__main__":
+    from llava_jax.host_malloc import reexec_with_malloc_tunables
+    reexec_with_malloc_tunables()
     sys.exit(main())

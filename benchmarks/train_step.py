@@ -15,7 +15,8 @@ benchmark config (settings such as the loss chunking, not the dims, or the race 
 XLA's CPU backend runs under CPU_XLA_FLAGS unless --xla-flags says otherwise ("" = XLA's defaults): YNNPACK
 fusions of elementwise ops and reductions next to the matmuls made our step 3-8 % faster on 2 shared cores (no
 change pinned to one core) with losses equal to float32 rounding. The JSON line reports the flags, and our
-compiled HLO's op counts.
+compiled HLO's op counts. The process re-executes itself with llava_jax.host_malloc's glibc tunables (as
+train.py does), for both frameworks alike; the JSON line reports GLIBC_TUNABLES.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import tempfile
 import time
 
 from _common import emit, load_bench_config, median_seconds, random_batch, single_device_setup
+
+from llava_jax.host_malloc import reexec_with_malloc_tunables
 
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
 COUNTED_OPS = ("fusion", "dot", "transpose", "copy")
@@ -118,6 +121,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    reexec_with_malloc_tunables()
     args = parse_args()
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     import torch
@@ -149,7 +153,8 @@ def main() -> None:
         "jax_matmul_flops_per_s": round(jax_ceiling), "torch_matmul_flops_per_s": round(torch_ceiling),
         "flops_per_step": step_flops, "ours_compile_s": round(compile_s, 2), "ours_hlo_ops": hlo_op_counts(compiled),
         "round_seconds": {name: [round(t, 4) for t in times] for name, times in rounds.items()},
-        "tokens_per_step": tokens, "cpus": os.cpu_count(), "xla_flags": args.xla_flags, "overrides": args.overrides,
+        "tokens_per_step": tokens, "cpus": os.cpu_count(), "xla_flags": args.xla_flags,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "overrides": args.overrides,
     })
 
 
