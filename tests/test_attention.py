@@ -42,9 +42,9 @@ def right_padded_segments() -> np.ndarray:
     return (np.arange(LENGTH)[None] < lengths[:, None]).astype(np.int32)
 
 
-def random_qkv(seed: int = 0):
+def random_qkv(seed: int = 0, kv_heads: int = KV_HEADS):
     rng = np.random.default_rng(seed)
-    shapes = [(BATCH, LENGTH, HEADS, HEAD_DIM)] + [(BATCH, LENGTH, KV_HEADS, HEAD_DIM)] * 2
+    shapes = [(BATCH, LENGTH, HEADS, HEAD_DIM)] + [(BATCH, LENGTH, kv_heads, HEAD_DIM)] * 2
     return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes]
 
 
@@ -74,9 +74,10 @@ def run_kernel(kernel: str, q, k, v, segments, causal: bool) -> np.ndarray:
 MASK_CASES = [pytest.param(True, True, id="segments-causal"), pytest.param(False, False, id="full")]
 
 
+@pytest.mark.parametrize("kv_heads", [KV_HEADS, HEADS], ids=["grouped", "multi-head"])
 @pytest.mark.parametrize("with_segments, causal", MASK_CASES + [pytest.param(True, False, id="segments-only")])
-def test_xla_kernel_matches_a_numpy_reference_with_segment_and_causal_masks(with_segments, causal):
-    q, k, v = random_qkv()
+def test_xla_kernel_matches_a_numpy_reference_with_segment_and_causal_masks(with_segments, causal, kv_heads):
+    q, k, v = random_qkv(kv_heads=kv_heads)
     segments = packed_segments() if with_segments else None
     np.testing.assert_allclose(run_kernel("xla", q, k, v, segments, causal),
                                reference_attention(q, k, v, segments, causal), atol=2e-5)
