@@ -33,6 +33,7 @@ from llava_jax.host_malloc import reexec_with_malloc_tunables
 
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
 COUNTED_OPS = ("fusion", "dot", "transpose", "copy")
+SETTLE_S = 1.0   # pause before each timing: the previous run's worker threads (OpenMP, Eigen) stop spin-waiting
 
 
 def jax_matmul(size: int):
@@ -137,6 +138,7 @@ def main() -> None:
     rounds = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
+            time.sleep(SETTLE_S)
             rounds[name].append(median_seconds(run, args.steps))
     seconds = {name: min(times) for name, times in rounds.items()}
     step_flops = train_step_flops(config, frozen_groups(config.train))
