@@ -161,7 +161,7 @@ class TrainConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 1.0
+    grad_clip_norm: float = 1.0   # global-norm clipping threshold (0 = no clipping, Megatron's --clip-grad 0)
     projector_learning_rate: Optional[float] = None
     vision_learning_rate: Optional[float] = None
     language_learning_rate: Optional[float] = None
@@ -459,6 +459,7 @@ def _validate_train(c: Config) -> None:
     _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(t.loss_chunk_size >= 0, "train.loss_chunk_size", "must be >= 0 (0 = no chunking)")
     _require(t.learning_rate > 0, "train.learning_rate", "must be positive")
+    _require(t.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0 (0 = no clipping)")
     _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
     _require(0.0 <= t.min_learning_rate_ratio <= 1.0, "train.min_learning_rate_ratio", "must be in [0, 1]")

@@ -57,6 +57,7 @@ def test_tokens_per_image_follows_strategy_and_pixel_shuffle():
     (["model.dtype=float8"], "model.dtype"),                                # not a choice
     (["train.batch_size=10", "train.grad_accum_steps=4"], "train.batch_size"),
     (["train.stage=warmup"], "train.stage"),
+    (["train.grad_clip_norm=-1"], "train.grad_clip_norm"),                 # 0 = no clipping; negative is an error
     (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
     (["mesh.tensor=0"], "mesh.tensor"),
     (["data.max_length=100"], "data.max_length"),                           # cannot hold a 576-token image

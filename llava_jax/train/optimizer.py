@@ -15,6 +15,7 @@ import jax
 import optax
 
 from llava_jax.config import TrainConfig
+from llava_jax.train.adamw import clipped_adamw
 
 GROUPS = {"vision": "vision_tower", "projector": "projector", "language": "language_model"}
 STAGE_FROZEN = {
@@ -62,15 +63,9 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _adamw(t: TrainConfig, base_lr: float) -> optax.GradientTransformation:
-    return optax.adamw(learning_rate_schedule(t, base_lr), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                       weight_decay=t.weight_decay, mask=_decay_mask)
-
-
-def make_optimizer(t: TrainConfig, trainable: dict) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW per group (each group may have its own learning rate)."""
-    per_group = {g: _adamw(t, _group_learning_rate(t, g)) for g in trainable}
-
-    def labels(params):
-        return {g: jax.tree_util.tree_map(lambda _, g=g: g, params[g]) for g in params}
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), optax.multi_transform(per_group, labels))
+def make_optimizer(t: TrainConfig, trainable: dict) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping, then AdamW per group (each group may have its own learning rate), fused into one
+    elementwise update per parameter (`llava_jax.train.adamw`); `update` takes the step's `grad_norm=`."""
+    learning_rates = {g: learning_rate_schedule(t, _group_learning_rate(t, g)) for g in trainable}
+    return clipped_adamw(learning_rates, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay,
+                         decay_mask=_decay_mask, max_norm=t.grad_clip_norm)

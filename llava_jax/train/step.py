@@ -89,7 +89,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(operands):
-            updates, new_opt_state = tx.update(grads, operands[1], operands[0])
+            updates, new_opt_state = tx.update(grads, operands[1], operands[0], grad_norm=grad_norm)
             return optax.apply_updates(operands[0], updates), new_opt_state
 
         new_trainable, new_opt_state = jax.lax.cond(finite, update, lambda operands: operands,
