@@ -69,24 +69,25 @@ def _chunk(head: Head, params: Any, hidden: jax.Array, targets: jax.Array, weigh
 
 
 def _scan_chunks(head, params, hidden, targets, weights, grad_params: bool, grad_hidden: bool):
-    """(CE sum, d params, d hidden [num_chunks, B, chunk, E]) over chunks; chunks without a target are skipped."""
-    zero_params = jax.tree_util.tree_map(jnp.zeros_like, params) if grad_params else None
+    """(CE sum, d params, d hidden [num_chunks, B, chunk, E]) over chunks; chunks without a target are skipped.
+    The sums accumulate inside the branch that computes a chunk, so a skipped chunk touches none of them."""
 
     def body(carry, xs):
-        loss_acc, d_params_acc = carry
         h, t, w = xs
 
-        def compute(_):
-            return _chunk(head, params, h, t, w, grad_params, grad_hidden)
+        def compute(carry):
+            loss_acc, d_params_acc = carry
+            loss, d_params, d_hidden = _chunk(head, params, h, t, w, grad_params, grad_hidden)
+            if grad_params:
+                d_params_acc = jax.tree_util.tree_map(jnp.add, d_params_acc, d_params)
+            return (loss_acc + loss, d_params_acc), d_hidden
 
-        def skip(_):
-            return jnp.zeros((), jnp.float32), zero_params, (jnp.zeros_like(h) if grad_hidden else None)
+        def skip(carry):
+            return carry, (jnp.zeros_like(h) if grad_hidden else None)
 
-        loss, d_params, d_hidden = jax.lax.cond(jnp.any(w > 0), compute, skip, None)
-        if grad_params:
-            d_params_acc = jax.tree_util.tree_map(jnp.add, d_params_acc, d_params)
-        return (loss_acc + loss, d_params_acc), d_hidden
+        return jax.lax.cond(jnp.any(w > 0), compute, skip, carry)
 
+    zero_params = jax.tree_util.tree_map(jnp.zeros_like, params) if grad_params else None
     (loss, d_params), d_hidden = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_params),
                                               (hidden, targets, weights))
     return loss, d_params, d_hidden
