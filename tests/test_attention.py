@@ -15,7 +15,8 @@ import pytest
 
 from llava_jax.config import load_config
 from llava_jax.models import attention as attention_module
-from llava_jax.models.attention import attention, check_trailing_padding, cudnn_arguments
+from llava_jax.models.attention import (attention, causal_block_count, check_trailing_padding, cudnn_arguments,
+                                        make_attention_mask, xla_attention)
 from llava_jax.models.llava import LlavaModel, init_params
 from llava_jax.sharding import LOGICAL_RULES
 from tests.helpers import TINY_MODEL
@@ -81,6 +82,56 @@ def test_xla_kernel_matches_a_numpy_reference_with_segment_and_causal_masks(with
     segments = packed_segments() if with_segments else None
     np.testing.assert_allclose(run_kernel("xla", q, k, v, segments, causal),
                                reference_attention(q, k, v, segments, causal), atol=2e-5)
+
+
+def autodiff_reference(q, k, v, segments, causal: bool) -> jax.Array:
+    """The same softmax attention as `reference_attention` in jnp, differentiated by JAX itself."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    allowed = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
+    if segments is not None:
+        allowed &= segments[:, :, None] == segments[:, None, :]
+    if causal:
+        allowed &= jnp.tril(jnp.ones(allowed.shape[1:], bool))
+    probs = jax.nn.softmax(jnp.where(allowed[:, None], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def attention_gradients(run, q, k, v):
+    """d/d(q, k, v) of a fixed random projection of the attention output."""
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v) * weights), argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("kv_heads", [KV_HEADS, HEADS], ids=["grouped", "multi-head"])
+@pytest.mark.parametrize("with_segments, causal", MASK_CASES)
+def test_xla_kernel_gradients_match_autodiff_of_the_reference(with_segments, causal, kv_heads):
+    """The xla kernel's hand-written backward against JAX's own gradient of the plain formula."""
+    q, k, v = random_qkv(kv_heads=kv_heads)
+    segments = jnp.asarray(packed_segments()) if with_segments else None
+    ours = attention_gradients(lambda q, k, v: attention(q, k, v, query_segment_ids=segments,
+                                                         key_segment_ids=segments, causal=causal, kernel="xla"),
+                               q, k, v)
+    reference = attention_gradients(lambda q, k, v: autodiff_reference(q, k, v, segments, causal), q, k, v)
+    for name, got, expected in zip("qkv", ours, reference):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 4])
+def test_causal_query_blocks_give_the_one_block_result_and_gradients(blocks):
+    """Blocks skip only keys the causal mask hides (uneven blocks: 100 positions in 3)."""
+    q, k, v = random_qkv()
+    segments = jnp.asarray(packed_segments())
+    mask = make_attention_mask(segments, segments, True, lengths=(LENGTH, LENGTH))
+    one, cut = (lambda q, k, v, n=n: xla_attention(q, k, v, mask, causal_blocks=n) for n in (1, blocks))
+    np.testing.assert_allclose(np.asarray(jax.jit(cut)(q, k, v)), np.asarray(jax.jit(one)(q, k, v)), atol=1e-6)
+    for got, expected in zip(attention_gradients(cut, q, k, v), attention_gradients(one, q, k, v)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=5e-6)
+
+
+def test_causal_block_count_keeps_blocks_of_at_least_128_rows():
+    assert [causal_block_count(n) for n in (1, 100, 255, 256, 384, 2048, 8192)] == [1, 1, 1, 2, 3, 4, 4]
 
 
 @pytest.mark.parametrize("with_segments, causal", MASK_CASES)

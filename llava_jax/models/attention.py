@@ -1,11 +1,13 @@
 """Attention kernels behind one call, chosen by `model.attention`. Public surface: `attention(q, k, v, *,
 query_segment_ids, key_segment_ids, causal, query_positions=None, key_positions=None, kernel)`, the pieces it builds
-on (`make_attention_mask`, `xla_attention`, `cudnn_arguments`, `splash_attention`) and `check_trailing_padding`.
+on (`make_attention_mask`, `xla_attention`, `causal_block_count`, `cudnn_arguments`, `splash_attention`) and
+`check_trailing_padding`.
 
 Every kernel applies the same rule: a query sees the keys of its own segment (segment id 0 = padding, and padding
 sees only padding, so no row is ever fully masked) and, if causal, no later key. Segment ids of None mean one
 segment without padding (the vision tower). How each kernel receives the rule:
-  xla     dense [B, T, S] boolean mask over an einsum; the only kernel taking positions (the KV cache). Any device.
+  xla     dense [B, T, S] boolean mask over batched matmuls (causal: query blocks skip the keys after them); the
+          only kernel taking positions (the KV cache). Any device.
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention on GPU: `is_causal` plus
           per-row query / key lengths, so a row must be one segment followed by its padding (1..1 0..0). Packed
           rows cannot be expressed this way: config validation refuses `data.pack=true` with this kernel.
@@ -28,8 +30,11 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from llava_jax.config import SPLASH_BLOCK
+from llava_jax.models.cpu_layout import swap_last_two
 
 KERNELS = ("xla", "cudnn", "splash")
+# Causal xla self-attention cuts its queries into up to CAUSAL_BLOCKS blocks of at least CAUSAL_BLOCK_ROWS rows.
+CAUSAL_BLOCKS, CAUSAL_BLOCK_ROWS = 4, 128
 SPLASH_BLOCK_SIZES = (512, 256, SPLASH_BLOCK)   # the largest that divides the padded length is used
 
 
@@ -44,7 +49,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, query_segment_ids: Op
     if kernel == "xla":
         mask = make_attention_mask(query_segment_ids, key_segment_ids, causal, query_positions, key_positions,
                                    lengths=(q.shape[1], k.shape[1]))
-        return xla_attention(q, k, v, mask)
+        self_causal = causal and query_positions is None
+        return xla_attention(q, k, v, mask, causal_block_count(q.shape[1]) if self_causal else 1)
     if kernel not in KERNELS:
         raise ValueError(f"model.attention: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if query_positions is not None or key_positions is not None:
@@ -53,6 +59,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, query_segment_ids: Op
         return jax.nn.dot_product_attention(q, k, v, **cudnn_arguments(query_segment_ids, key_segment_ids, causal),
                                             implementation="cudnn")
     return splash_attention(q, k, v, query_segment_ids, key_segment_ids, causal)
+
+
+def causal_block_count(length: int) -> int:
+    """Query blocks for causal xla self-attention over `length` positions (see `xla_attention`)."""
+    return min(CAUSAL_BLOCKS, max(1, length // CAUSAL_BLOCK_ROWS))
 
 
 def make_attention_mask(query_segment_ids: Optional[jax.Array], key_segment_ids: Optional[jax.Array], causal: bool,
@@ -71,28 +82,97 @@ def make_attention_mask(query_segment_ids: Optional[jax.Array], key_segment_ids:
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
-    """Grouped-query attention as two einsums: q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] or None.
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array], causal_blocks: int = 1
+                  ) -> jax.Array:
+    """Grouped-query attention: q [B, T, H, D], k/v [B, S, K, D], mask [B or 1, T, S] or None -> [B, T, H, D].
 
-    Scores and softmax are float32 whatever the compute dtype. The softmax is normalised after the value einsum,
-    as flash attention does: the division runs over [.., D] instead of [.., S] and the backward reduces over D.
+    Heads go first (q as [B, K, G*c, D]: each kv head with its group of G query heads), so every matmul is a
+    batched row-major one (`_attention_core`). With `causal_blocks` = n > 1 (causal self-attention only) the
+    queries are cut into n blocks and block i attends to keys [0, end of block i) only: the keys after it are masked
+    anyway, so n = 4 computes (n + 1) / 2n = 62.5 % of the scores, and the blocks are independent work for parallel
+    cores.
     """
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    if heads == kv_heads:   # no size-1 group axis: XLA CPU's YNNPACK reductions run ~10x slower with one
-        q_axes, weight_axes = "btkd", "bkts"
-    else:
-        q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-        q_axes, weight_axes = "btkgd", "bkgts"
-    scores = jnp.einsum(f"{q_axes},bskd->{weight_axes}", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
-    if mask is not None:
-        mask = mask.reshape(mask.shape[0], *[1] * (scores.ndim - 3), *mask.shape[1:])
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))   # shift only: no gradient
-    weights = jnp.exp(scores - row_max)                                            # masked keys: exactly 0
-    normaliser = jnp.einsum(f"{weight_axes}->{q_axes[:-1]}", weights)[..., None]
-    out = jnp.einsum(f"{weight_axes},bskd->{q_axes}", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / normaliser).astype(v.dtype).reshape(batch, length, heads, head_dim)
+    kv_heads, keys = k.shape[2], k.shape[1]
+    groups = heads // kv_heads
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))                                   # [B, K, S, D]
+    k_t, v_t = swap_last_two(k), swap_last_two(v)                                       # [B, K, D, S]
+    bounds = [round(i * length / causal_blocks) for i in range(causal_blocks + 1)]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        key_end = end if causal_blocks > 1 else keys
+        block_mask = None if mask is None else mask[:, None, start:end, :key_end]      # [B or 1, 1, c, S']
+        out = _attention_core(_heads_first(q[:, start:end], kv_heads), k[:, :, :key_end], k_t[..., :key_end],
+                              v[:, :, :key_end], v_t[..., :key_end], block_mask, groups)
+        outs.append(_heads_last(out, groups))
+    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+def _heads_first(q: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, c, H, D] -> [B, K, G*c, D] (H = K*G: kv head k's G query heads, one after the other)."""
+    batch, rows, heads, head_dim = q.shape
+    if heads == kv_heads:   # no size-1 group axis: XLA CPU's YNNPACK ops over such shapes run far slower
+        return q.transpose(0, 2, 1, 3)
+    grouped = q.reshape(batch, rows, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    return grouped.reshape(batch, kv_heads, heads // kv_heads * rows, head_dim)
+
+
+def _heads_last(out: jax.Array, groups: int) -> jax.Array:
+    """The inverse of `_heads_first`: [B, K, G*c, D] -> [B, c, H, D]."""
+    batch, kv_heads, grouped_rows, head_dim = out.shape
+    if groups == 1:
+        return out.transpose(0, 2, 1, 3)
+    rows = grouped_rows // groups
+    out = out.reshape(batch, kv_heads, groups, rows, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, rows, kv_heads * groups, head_dim)
+
+
+def _matmul(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """[..., m, k] @ [..., k, n] with operands in the compute `dtype` and a float32 result."""
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _masked_scores(q, k_t, mask, groups: int) -> jax.Array:
+    """Float32 scaled scores [B, K, G*c, S]; masked keys get the float32 minimum (their weight is exactly 0)."""
+    scores = _matmul(q, k_t, q.dtype) * q.shape[-1] ** -0.5
+    if mask is None:
+        return scores
+    if groups == 1:   # no size-1 group axis (see `_heads_first`)
+        return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    grouped = scores.reshape(*scores.shape[:2], groups, -1, scores.shape[-1])
+    return jnp.where(mask[:, :, None], grouped, jnp.finfo(jnp.float32).min).reshape(scores.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention_core(q, k, k_t, v, v_t, mask, groups: int):
+    """softmax(q k^T / sqrt(D), masked) v: q [B, K, R, D] (R = G*c rows), k/v [B, K, S, D] and their transposes
+    k_t/v_t [B, K, D, S], mask [B or 1, 1, c, S] or None. Softmax in float32; the backward is written out from the
+    saved probabilities (as flash attention does). Every matmul, forward and backward, takes row-major operands
+    (see `cpu_layout`) and no [R, S] matrix is ever transposed: the key and value gradients come out transposed,
+    d k^T = q^T d_scores and d v^T = d_out^T probs, and flow back through k_t / v_t (k and v get none)."""
+    return _attention_forward(q, k, k_t, v, v_t, mask, groups)[0]
+
+
+def _attention_forward(q, k, k_t, v, v_t, mask, groups):
+    scores = _masked_scores(q, k_t, mask, groups)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))     # masked keys: exactly 0
+    probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    out = _matmul(probs, v, v.dtype)
+    return out.astype(v.dtype), (q, k, v_t, probs, out)
+
+
+def _attention_backward(groups, residuals, d_out):
+    q, k, v_t, probs, out = residuals
+    d_out = d_out.astype(jnp.float32)
+    d_v_t = _matmul(swap_last_two(d_out), probs, v_t.dtype)                  # [B, K, D, S]
+    d_probs = _matmul(d_out, v_t, v_t.dtype)
+    d_scores = probs * (d_probs - jnp.sum(d_out * out, axis=-1, keepdims=True)) * q.shape[-1] ** -0.5
+    d_q = _matmul(d_scores, k, q.dtype)
+    d_k_t = _matmul(swap_last_two(q), d_scores, q.dtype)                      # [B, K, D, S]
+    return d_q.astype(q.dtype), None, d_k_t.astype(k.dtype), None, d_v_t.astype(v_t.dtype), None
+
+
+_attention_core.defvjp(_attention_forward, _attention_backward)
 
 
 def cudnn_arguments(query_segment_ids: Optional[jax.Array], key_segment_ids: Optional[jax.Array], causal: bool

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.models.attention import attention
+from llava_jax.models.cpu_layout import on_cpu, swap_last_two
 
 Dtype = Any
 INIT_STD = 0.02
@@ -38,8 +39,7 @@ def _matmul_forward(x, kernel):
 
 def _matmul_backward(residuals, dy):
     x, kernel = residuals
-    # the barrier keeps x^T materialised, so XLA cannot fold the transpose back into a transposed-operand dot
-    x_transposed = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    x_transposed = swap_last_two(x.reshape(-1, x.shape[-1]))
     dkernel = jnp.dot(x_transposed, dy.reshape(-1, dy.shape[-1]), preferred_element_type=jnp.float32)
     dx = jnp.einsum("...o,io->...i", dy, kernel)
     return dx, dkernel.astype(kernel.dtype)
@@ -49,11 +49,11 @@ _matmul_nn_grads.defvjp(_matmul_forward, _matmul_backward)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's contraction. On CPU, XLA's fast (YNNPACK) dots take row-major, untransposed operands only; the
-    weight gradient x^T @ dy of a plain dot has a transposed operand and falls back to a ~30 % slower kernel, so
-    there the gradient transposes x explicitly first. Other backends take lax.dot_general as is."""
+    """nn.Dense's contraction. On CPU (see `cpu_layout`) the weight gradient x^T @ dy of a plain dot has a
+    transposed operand and falls back to a ~30 % slower kernel, so there the gradient transposes x explicitly
+    first. Other backends take lax.dot_general as is."""
     dense_contraction = (((lhs.ndim - 1,), (0,)), ((), ()))
-    if (jax.default_backend() != "cpu" or dimension_numbers != dense_contraction or precision is not None
+    if (not on_cpu() or dimension_numbers != dense_contraction or precision is not None
             or preferred_element_type is not None):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
