@@ -48,6 +48,6 @@ def default_workdir(config_path: str) -> str:
 
 
 if __name__ == "__main__":
-    from llava_jax.host_malloc import reexec_with_malloc_tunables
-    reexec_with_malloc_tunables()
+    from llava_jax.host_malloc import reexec_with_host_malloc
+    reexec_with_host_malloc()
     sys.exit(main())

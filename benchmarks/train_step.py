@@ -12,11 +12,10 @@ matmul and the transformers steps (median of --steps runs each); every figure is
 processes only ever slow a round down (torch's threads suffer most from a busy core). `--set` overrides the
 benchmark config (settings such as the loss chunking, not the dims, or the race is no longer fair).
 
-XLA's CPU backend runs under CPU_XLA_FLAGS unless --xla-flags says otherwise ("" = XLA's defaults): YNNPACK
-fusions of elementwise ops and reductions next to the matmuls made our step 3-8 % faster on 2 shared cores (no
-change pinned to one core) with losses equal to float32 rounding. The JSON line reports the flags, and our
-compiled HLO's op counts. The process re-executes itself with llava_jax.host_malloc's glibc tunables (as
-train.py does), for both frameworks alike; the JSON line reports GLIBC_TUNABLES.
+XLA runs with its default flags, as train.py does (`--xla-flags` adds some, e.g. YNNPACK fusion types). The
+process re-executes itself with llava_jax.host_malloc's allocator (TCMalloc if installed, else glibc huge pages),
+as train.py does, for both frameworks alike; the JSON line reports the allocator settings, and our compiled HLO's
+op counts.
 """
 from __future__ import annotations
 
@@ -29,9 +28,8 @@ import time
 
 from _common import emit, load_bench_config, median_seconds, random_batch, single_device_setup
 
-from llava_jax.host_malloc import reexec_with_malloc_tunables
+from llava_jax.host_malloc import reexec_with_host_malloc
 
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
 COUNTED_OPS = ("fusion", "dot", "transpose", "copy")
 SETTLE_S = 1.0   # pause before each timing: the previous run's worker threads (OpenMP, Eigen) stop spin-waiting
 
@@ -116,13 +114,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per framework per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=2048)
-    parser.add_argument("--xla-flags", default=CPU_XLA_FLAGS, help="added to XLA_FLAGS before jax is imported")
+    parser.add_argument("--xla-flags", default="", help="added to XLA_FLAGS before jax is imported")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
     return parser.parse_args()
 
 
 def main() -> None:
-    reexec_with_malloc_tunables()
+    reexec_with_host_malloc()
     args = parse_args()
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     import torch
@@ -156,7 +154,8 @@ def main() -> None:
         "flops_per_step": step_flops, "ours_compile_s": round(compile_s, 2), "ours_hlo_ops": hlo_op_counts(compiled),
         "round_seconds": {name: [round(t, 4) for t in times] for name, times in rounds.items()},
         "tokens_per_step": tokens, "cpus": os.cpu_count(), "xla_flags": args.xla_flags,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "overrides": args.overrides,
+        "ld_preload": os.environ.get("LD_PRELOAD", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "overrides": args.overrides,
     })
 
 
