@@ -4,9 +4,9 @@ Public surface: `malloc_env(env)`, `reexec_with_host_malloc()` (train.py and ben
 
 XLA's CPU runtime allocates each step's temporaries afresh (330 MB for configs/bench_cpu.yaml). Under glibc's
 defaults such blocks are fresh mmaps, so every step faults in and zeroes them 4 KiB at a time (81k page faults,
-~15 % of the bench step's CPU time). TCMalloc (`libtcmalloc_minimal.so.4`, Debian/Ubuntu package
-libtcmalloc-minimal4; preloaded on TPU VMs the way MaxText does) keeps freed blocks for reuse: no faults at all,
-and the bench step runs ~6 % faster than with the glibc fallback, `glibc.malloc.hugetlb=1`, which backs large blocks
+~15 % of the bench step's CPU time). TCMalloc (`libtcmalloc_minimal.so.4` or `libtcmalloc.so.4`, Debian/Ubuntu
+packages libtcmalloc-minimal4 / libgoogle-perftools4) keeps freed blocks for reuse: no faults at all,
+and the bench step runs 0-10 % faster than with the glibc fallback, `glibc.malloc.hugetlb=1`, which backs large blocks
 with transparent huge pages (2 MiB; ~500 faults per step, still zeroed by the kernel). The allocator is chosen when a
 process starts (LD_PRELOAD, GLIBC_TUNABLES), hence the re-execution. It changes speed only, never results. An
 allocator already in LD_PRELOAD or a glibc.malloc.hugetlb the user set wins; LLAVA_JAX_KEEP_MALLOC=1 opts out.

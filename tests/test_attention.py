@@ -49,20 +49,22 @@ def random_qkv(seed: int = 0, kv_heads: int = KV_HEADS):
     return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes]
 
 
-def reference_attention(q, k, v, segments, causal: bool) -> np.ndarray:
-    """Float64 softmax attention; query head h uses kv head h // (HEADS / KV_HEADS)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+def reference_attention(q, k, v, segments, causal: bool, xp=np):
+    """Plain softmax attention; query head h uses kv head h // (HEADS / KV_HEADS). `xp=np` computes it in float64,
+    `xp=jnp` in float32 for JAX to differentiate."""
+    if xp is np:
+        q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
-    allowed = np.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
+    k, v = xp.repeat(k, group, axis=2), xp.repeat(v, group, axis=2)
+    scores = xp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    allowed = xp.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
     if segments is not None:
         allowed &= segments[:, :, None] == segments[:, None, :]
     if causal:
-        allowed &= np.tril(np.ones(allowed.shape[1:], bool))
-    scores = np.where(allowed[:, None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return np.einsum("bhts,bshd->bthd", probs / probs.sum(axis=-1, keepdims=True), v)
+        allowed &= xp.tril(xp.ones(allowed.shape[1:], bool))
+    scores = xp.where(allowed[:, None], scores, -xp.inf)
+    probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    return xp.einsum("bhts,bshd->bthd", probs / probs.sum(axis=-1, keepdims=True), v)
 
 
 def run_kernel(kernel: str, q, k, v, segments, causal: bool) -> np.ndarray:
@@ -84,20 +86,6 @@ def test_xla_kernel_matches_a_numpy_reference_with_segment_and_causal_masks(with
                                reference_attention(q, k, v, segments, causal), atol=2e-5)
 
 
-def autodiff_reference(q, k, v, segments, causal: bool) -> jax.Array:
-    """The same softmax attention as `reference_attention` in jnp, differentiated by JAX itself."""
-    group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
-    allowed = jnp.ones((q.shape[0], q.shape[1], k.shape[1]), bool)
-    if segments is not None:
-        allowed &= segments[:, :, None] == segments[:, None, :]
-    if causal:
-        allowed &= jnp.tril(jnp.ones(allowed.shape[1:], bool))
-    probs = jax.nn.softmax(jnp.where(allowed[:, None], scores, -jnp.inf), axis=-1)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
-
-
 def attention_gradients(run, q, k, v):
     """d/d(q, k, v) of a fixed random projection of the attention output."""
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
@@ -113,7 +101,7 @@ def test_xla_kernel_gradients_match_autodiff_of_the_reference(with_segments, cau
     ours = attention_gradients(lambda q, k, v: attention(q, k, v, query_segment_ids=segments,
                                                          key_segment_ids=segments, causal=causal, kernel="xla"),
                                q, k, v)
-    reference = attention_gradients(lambda q, k, v: autodiff_reference(q, k, v, segments, causal), q, k, v)
+    reference = attention_gradients(lambda q, k, v: reference_attention(q, k, v, segments, causal, jnp), q, k, v)
     for name, got, expected in zip("qkv", ours, reference):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5, err_msg=f"d{name}")
 
