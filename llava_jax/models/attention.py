@@ -102,19 +102,20 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.A
     for start, end in zip(bounds[:-1], bounds[1:]):
         key_end = end if causal_blocks > 1 else keys
         block_mask = None if mask is None else mask[:, None, start:end, :key_end]      # [B or 1, 1, c, S']
-        out = _attention_core(_heads_first(q[:, start:end], kv_heads), k[:, :, :key_end], k_t[..., :key_end],
+        out = _attention_core(_heads_first(q[:, start:end], groups), k[:, :, :key_end], k_t[..., :key_end],
                               v[:, :, :key_end], v_t[..., :key_end], block_mask, groups)
         outs.append(_heads_last(out, groups))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
-def _heads_first(q: jax.Array, kv_heads: int) -> jax.Array:
+def _heads_first(q: jax.Array, groups: int) -> jax.Array:
     """[B, c, H, D] -> [B, K, G*c, D] (H = K*G: kv head k's G query heads, one after the other)."""
     batch, rows, heads, head_dim = q.shape
-    if heads == kv_heads:   # no size-1 group axis: XLA CPU's YNNPACK ops over such shapes run far slower
+    if groups == 1:   # no size-1 group axis: XLA CPU's YNNPACK ops over such shapes run far slower
         return q.transpose(0, 2, 1, 3)
-    grouped = q.reshape(batch, rows, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    return grouped.reshape(batch, kv_heads, heads // kv_heads * rows, head_dim)
+    kv_heads = heads // groups
+    grouped = q.reshape(batch, rows, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    return grouped.reshape(batch, kv_heads, groups * rows, head_dim)
 
 
 def _heads_last(out: jax.Array, groups: int) -> jax.Array:
