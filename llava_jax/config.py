@@ -43,9 +43,11 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    """`linear` or `mlpNx_gelu` (N linear layers, exact GELU between them); optional 2x2 pixel shuffle first."""
+    """`linear` or `mlpNx_gelu` (N linear layers, exact GELU between them); optional 2x2 pixel shuffle first;
+    `bias=false` drops the linear layers' biases (transformers' multimodal_projector_bias)."""
     type: str = "mlp2x_gelu"
     pixel_shuffle: bool = False
+    bias: bool = True
 
     @property
     def num_linear(self) -> int:

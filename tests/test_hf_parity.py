@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
@@ -55,6 +55,23 @@ def tiny_llava(vision_config, text_config, seed: int, **kwargs):
 def saved(model, directory, **kwargs):
     model.save_pretrained(directory, **kwargs)
     return str(directory)
+
+
+def edited_copy(source, directory, edit_config=None, edit_state=None):
+    """A copy of the saved model in `source` with its config.json dict and / or its {name: array} weights edited
+    in place by the given functions."""
+    directory.mkdir()
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    if edit_config:
+        edit_config(config)
+    with open(directory / "config.json", "w") as f:
+        json.dump(config, f)
+    state = load_file(os.path.join(source, "model.safetensors"))
+    if edit_state:
+        edit_state(state)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +154,17 @@ def test_siglip_qwen2_logits_match_transformers(siglip_qwen2):
     assert one_image_logits_error(*siglip_qwen2) <= TOLERANCE
 
 
+def test_projector_without_biases_loads_and_matches_transformers(tmp_path):
+    model = tiny_llava(clip_vision_config(), llama_config(), seed=7, multimodal_projector_bias=False)
+    assert model.model.multi_modal_projector.linear_1.bias is None
+    directory = saved(model, tmp_path / "no_bias")
+    config, params = load_hf_llava(directory)
+    assert not config.projector.bias
+    assert {name: sorted(layer) for name, layer in params["projector"].items()} == {
+        "linear_1": ["kernel"], "linear_2": ["kernel"]}
+    assert one_image_logits_error(model, directory) <= TOLERANCE
+
+
 def test_padded_batch_with_two_images_in_one_sample_matches(clip_llama):
     model, directory = clip_llama
     config, params = load_hf_llava(directory)
@@ -207,6 +235,45 @@ def test_transformers4_key_layout_loads_the_same_params(clip_llama, tmp_path):
     assert_same_params(load_hf_llava(legacy)[1], load_hf_llava(directory)[1])
 
 
+def set_tied(tied: bool):
+    def edit(config):
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = tied
+    return edit
+
+
+def test_tied_config_with_a_different_lm_head_raises(clip_llama, tmp_path):
+    """clip_llama's lm_head is its own matrix: a config claiming tied embeddings contradicts the weights."""
+    directory = edited_copy(clip_llama[1], tmp_path / "tied", edit_config=set_tied(True))
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=true.*lm_head\.weight.*differs"):
+        load_hf_llava(directory)
+
+
+def weight_named(state, suffix: str) -> str:
+    """The one name in `state` ending in `suffix` (save_pretrained may write the 4.x or the 5.x key layout)."""
+    names = [name for name in state if name.endswith(suffix)]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def drop_lm_head(state):
+    del state[weight_named(state, "lm_head.weight")]
+
+
+def test_tied_model_saved_with_a_copy_of_its_embeddings_as_lm_head_loads(siglip_qwen2, tmp_path):
+    def add_head(state):
+        embedding = weight_named(state, "embed_tokens.weight")
+        head = "language_model.lm_head.weight" if embedding.startswith("language_model.") else "lm_head.weight"
+        state[head] = state[embedding].copy()
+    directory = edited_copy(siglip_qwen2[1], tmp_path / "with_head", edit_state=add_head)
+    assert_same_params(load_hf_llava(directory)[1], load_hf_llava(siglip_qwen2[1])[1])
+
+
+def test_untied_config_without_lm_head_raises_naming_the_flag(clip_llama, tmp_path):
+    directory = edited_copy(clip_llama[1], tmp_path / "headless", edit_state=drop_lm_head)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=false.*no 'lm_head\.weight'"):
+        load_hf_llava(directory)
+
+
 def assert_same_params(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -275,6 +342,7 @@ def test_active_sliding_window_raises(clip_llama, tmp_path):
     (),                                                     # CLIP (3 layers, 2 used: feature layer -2) + LLaMA
     ("model.vision.kind=siglip", "model.vision_feature_layer=-1", "model.vision_feature_select_strategy=full",
      "model.decoder.qkv_bias=true", "model.decoder.tie_embeddings=true"),                   # SigLIP + tied Qwen2
+    ("model.projector.bias=false",),                        # multimodal_projector_bias=false
 ])
 def test_exported_model_loads_in_transformers_with_identical_logits(tiny_config, tmp_path, overrides):
     config = tiny_config(*overrides).model
@@ -294,13 +362,26 @@ def test_exported_model_loads_in_transformers_with_identical_logits(tiny_config,
 
 # ------------------------------------------------------------------------------------- towers and the CLI
 
-def test_towers_reproduce_their_source_models(tmp_path):
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """A CLIP vision model and a LLaMA (vocabulary 300, untied lm_head), each saved on its own."""
     torch.manual_seed(5)
     vision = randomized(CLIPVisionModel(clip_vision_config()), seed=5)
     language = randomized(LlamaForCausalLM(llama_config()), seed=6)
-    config, params = load_hf_towers(saved(vision, tmp_path / "vision"), saved(language, tmp_path / "language"),
-                                    rng=jax.random.key(0))
-    assert (config.image_token_id, config.decoder.vocab_size) == (300, 301)     # one appended image token
+    directory = tmp_path_factory.mktemp("towers")
+    return vision, language, saved(vision, directory / "vision"), saved(language, directory / "language")
+
+
+def language_logits(language, ids) -> np.ndarray:
+    with torch.no_grad():
+        return language(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def test_towers_reproduce_their_source_models(towers):
+    vision, language, vision_dir, language_dir = towers
+    config, params = load_hf_towers(vision_dir, language_dir, rng=jax.random.key(0))
+    # As llava-1.5-7b-hf grows LLaMA's 32000: <image> = 300, room for <pad> at 301, padded to a multiple of 64.
+    assert (config.image_token_id, config.decoder.vocab_size) == (300, 320)
 
     pixels = images(np.random.default_rng(5), 2)
     ours = LlavaModel(config).apply({"params": params}, nhwc(pixels), method=lambda m, x: m.vision_tower(x))
@@ -310,11 +391,53 @@ def test_towers_reproduce_their_source_models(tmp_path):
 
     ids = np.random.default_rng(6).integers(0, 300, (1, 16)).astype(np.int32)
     logits = our_logits(config, params, ids)
-    with torch.no_grad():
-        reference = language(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    reference = language_logits(language, ids)
     assert max_error(logits[..., :300], reference) <= TOLERANCE
-    # The new lm_head column is the mean of the others, so its logit is their mean.
-    assert max_error(logits[..., 300], reference.mean(-1)) <= TOLERANCE
+    # The new lm_head columns are the mean of the others, so each new logit is their mean.
+    assert max_error(logits[..., 300:], np.repeat(reference.mean(-1, keepdims=True), 20, -1)) <= TOLERANCE
+    embedding = params["language_model"]["embed_tokens"]["embedding"]
+    np.testing.assert_allclose(embedding[300:], np.repeat(embedding[:300].mean(0, keepdims=True), 20, 0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_size, image_token_id, expected", [
+    (300, 7, (300, 7)),                # no new token: an existing one carries the images
+    (304, None, (304, 300)),           # the first new token is the image token
+    (None, 301, (320, 301)),           # beyond the original 300 tokens, inside the grown vocabulary
+])
+def test_towers_take_an_explicit_vocab_size_and_image_token(towers, vocab_size, image_token_id, expected):
+    _, language, vision_dir, language_dir = towers
+    config, params = load_hf_towers(vision_dir, language_dir, image_token_id=image_token_id, vocab_size=vocab_size)
+    assert (config.decoder.vocab_size, config.image_token_id) == expected
+    assert params["language_model"]["lm_head"]["kernel"].shape[1] == expected[0]
+    ids = np.random.default_rng(7).integers(0, 300, (1, 8)).astype(np.int32)
+    assert max_error(our_logits(config, params, ids)[..., :300], language_logits(language, ids)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("vocab_size, image_token_id, argument", [
+    (299, None, "vocab_size=299"),     # smaller than the language model's vocabulary
+    (300, None, "image_token_id"),     # no new token and no existing one named
+    (None, 320, "image_token_id=320"),
+    (310, 310, "image_token_id=310"),
+    (None, -1, "image_token_id=-1"),
+])
+def test_towers_refuse_a_vocabulary_without_room_for_the_image_token(towers, vocab_size, image_token_id,
+                                                                      argument):
+    _, _, vision_dir, language_dir = towers
+    with pytest.raises(ValueError, match=argument):
+        load_hf_towers(vision_dir, language_dir, image_token_id=image_token_id, vocab_size=vocab_size)
+
+
+@pytest.mark.parametrize("tied, edit_state, message", [
+    (True, None, r"tie_word_embeddings=true.*differs"),
+    (False, drop_lm_head, r"tie_word_embeddings=false.*no 'lm_head\.weight'"),
+])
+def test_towers_check_the_tied_flag_against_the_language_model_weights(towers, tmp_path, tied, edit_state,
+                                                                       message):
+    def set_flag(config):
+        config["tie_word_embeddings"] = tied
+    language_dir = edited_copy(towers[3], tmp_path / "language", edit_config=set_flag, edit_state=edit_state)
+    with pytest.raises(ValueError, match=message):
+        load_hf_towers(towers[2], language_dir)
 
 
 def convert_cli(*args):

@@ -1,7 +1,8 @@
 """Projector from vision features to LLM embeddings. Public surface: `Projector(config)(features) -> embeds`.
 
 `linear` is one Dense; `mlpNx_gelu` is N Dense layers with exact GELU between them (transformers' linear_1,
-act, linear_2). With `pixel_shuffle` each 2x2 block of tokens is first folded into one token of 4x width.
+act, linear_2), with biases unless `projector.bias` is false. With `pixel_shuffle` each 2x2 block of tokens is
+first folded into one token of 4x width.
 """
 from __future__ import annotations
 
@@ -35,5 +36,5 @@ class Projector(nn.Module):
             if i > 0:
                 x = ACTIVATIONS["gelu"](x)
             axes = ("embed", "mlp") if i % 2 == 0 else ("mlp", "embed")
-            x = dense(self.config.decoder.hidden_size, axes, use_bias=True, dtype=dtype, name=f"linear_{i + 1}")(x)
+            x = dense(self.config.decoder.hidden_size, axes, use_bias=p.bias, dtype=dtype, name=f"linear_{i + 1}")(x)
         return x
