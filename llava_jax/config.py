@@ -131,12 +131,13 @@ class DataConfig:
     synthetic_size: int = 20000
     synthetic_eval_size: int = 500
     synthetic_seed: int = 0                          # fixes the synthetic scenes (independent of train.seed)
-    tokenizer: str = "byte"                          # "byte", a tokenizer.json path or a sentencepiece *.model
+    tokenizer: str = "byte"                          # "byte", an HF tokenizer directory, a tokenizer.json or a *.model
     bos_token: Optional[str] = None                  # special-token strings; null = looked up in the tokenizer
     eos_token: Optional[str] = None
     pad_token: Optional[str] = None                  # null and absent from the tokenizer: eos is used
-    template: Literal["plain", "vicuna_v1", "llama3", "chatml"] = "plain"
+    template: Literal["plain", "vicuna_v1", "mistral_instruct", "chatml", "llama3", "tokenizer"] = "plain"
     system_prompt: Optional[str] = None              # replaces the template's default system message
+    image_placement: Literal["keep", "front"] = "keep"   # front: "<image>\n" + text, as LLaVA-1.5 preprocesses
     max_length: int = 2048
     max_images: int = 1
     pack: bool = False
@@ -480,8 +481,10 @@ def _validate_data(c: Config) -> None:
     for name in ("num_threads", "num_workers", "prefetch"):
         _require(getattr(d, name) >= 0, f"data.{name}", "must be >= 0")
     _require(d.image_std is None or min(d.image_std) > 0, "data.image_std", "must be positive")
-    _require(d.tokenizer == "byte" or d.tokenizer.endswith((".json", ".model")), "data.tokenizer",
-             f"{d.tokenizer!r} is not 'byte', a tokenizer.json path or a sentencepiece *.model path")
+    max_positions = c.model.decoder.max_position_embeddings
+    _require(d.max_length <= max_positions, "data.max_length",
+             f"{d.max_length} is beyond model.decoder.max_position_embeddings={max_positions}: positions past it are "
+             "ones the model never learned (RoPE would extrapolate silently)")
     if d.source == "llava_json":
         _require(d.json_path is not None, "data.json_path", "is required when data.source=llava_json")
     if d.source == "tfds":

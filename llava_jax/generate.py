@@ -29,7 +29,7 @@ from llava_jax.checkpoint import load_init_params
 from llava_jax.config import Config, MeshConfig, ModelConfig, load_config
 from llava_jax.data.bad_samples import BadSample
 from llava_jax.data.examples import Example, ExampleEncoder
-from llava_jax.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, answer_end_id
+from llava_jax.data.templates import IMAGE_PLACEHOLDER, answer_end_id, get_template
 from llava_jax.data.tokenizers import make_tokenizer
 from llava_jax.models.llava import LlavaModel, check_image_tokens
 from llava_jax.sharding import make_mesh
@@ -210,7 +210,7 @@ def generate_answers(config: Config, params, examples: Sequence[dict], max_new_t
     """Decoded answers to evaluation examples (see data.pipeline.make_eval_examples), `batch_size` at a time;
     generation stops at the token that closes an answer in data.template."""
     tokenizer = make_tokenizer(config.data, config.model)
-    stop_id = answer_end_id(TEMPLATES[config.data.template], tokenizer)
+    stop_id = answer_end_id(get_template(config.data.template), tokenizer)
     answers = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]

@@ -23,3 +23,11 @@ def tiny_config():
     def make(*overrides):
         return load_config(None, TINY_MODEL + list(overrides))
     return make
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(tmp_path_factory):
+    """(root, name -> data.tokenizer path) of the real tokenizers in tests/real_tokenizers.py (built once)."""
+    from tests.real_tokenizers import build_real_tokenizers
+    root = tmp_path_factory.mktemp("real_tokenizers")
+    return root, build_real_tokenizers(root)

@@ -67,6 +67,12 @@ def train_hf_tokenizer(path, specials=("<unk>", "<s>", "</s>", "<pad>", *TEMPLAT
     return str(path)
 
 
+def image_id_of(tokenizer_json) -> int:
+    """The id "<image>" gets when it is added to a tokenizer.json: the next free one."""
+    from transformers import PreTrainedTokenizerFast
+    return len(PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json)))
+
+
 def train_wordlevel_tokenizer(path) -> str:
     """A word-level tokenizer.json that maps unseen words to [UNK] (cannot round-trip arbitrary text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

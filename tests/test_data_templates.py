@@ -1,104 +1,121 @@
-"""Chat templates: hand-built token/mask expectations per template, answer round trips, and mismatch errors."""
+"""Chat templates: each format spelled out as text, token/mask expectations with the byte tokenizer, the generation
+prompt, image placement and mismatch errors. Real tokenizers: test_data_real_tokenizers.py."""
 import numpy as np
 import pytest
-from data_helpers import train_hf_tokenizer, train_sentencepiece, train_wordlevel_tokenizer
+from data_helpers import image_id_of, train_hf_tokenizer, train_wordlevel_tokenizer, write_image
 
-from llava_jax.data.templates import (TEMPLATES, answer_end_id, answer_spans, check_template, encode_pieces,
-                                      generation_prompt, render)
+from llava_jax.data.bad_samples import BadSample
+from llava_jax.data.examples import Example, ExampleEncoder, place_images
+from llava_jax.data.templates import TEMPLATES, answer_end_id, answer_spans, check_template, encode
 from llava_jax.data.tokenizers import ByteTokenizer, make_tokenizer
 
 IMAGE, TOKENS_PER_IMAGE = 299, 3
 BOS, EOS = 257, 258
-IM_START, IM_END, START_HEADER, END_HEADER, EOT = 259, 260, 261, 262, 263
 TURNS = [("user", "<image>\nQ1?"), ("assistant", "A1"), ("user", "Q2?"), ("assistant", "A2")]
-
-
-def expected(*parts):
-    """parts: (text or list of ids, supervised) -> (ids, mask) as the template should produce them."""
-    ids, mask = [], []
-    for part, supervised in parts:
-        part_ids = list(part.encode()) if isinstance(part, str) else part
-        ids += part_ids
-        mask += [float(supervised)] * len(part_ids)
-    return ids, mask
-
-
-IMG = [IMAGE] * TOKENS_PER_IMAGE
 VICUNA_SYSTEM = TEMPLATES["vicuna_v1"].default_system
-HAND_BUILT = {
-    "plain": expected(([BOS], 0), (IMG, 0), ("\nQ1?\n", 0), ("A1", 1), ([EOS], 1), ("Q2?\n", 0), ("A2", 1),
-                      ([EOS], 1)),
-    "vicuna_v1": expected(([BOS], 0), (VICUNA_SYSTEM + " USER: ", 0), (IMG, 0), ("\nQ1? ASSISTANT: ", 0),
-                          ("A1", 1), ([EOS], 1), ("USER: Q2? ASSISTANT: ", 0), ("A2", 1), ([EOS], 1)),
-    "llama3": expected(([BOS, START_HEADER], 0), ("user", 0), ([END_HEADER], 0), ("\n\n", 0), (IMG, 0),
-                       ("\nQ1?", 0), ([EOT, START_HEADER], 0), ("assistant", 0), ([END_HEADER], 0), ("\n\n", 0),
-                       ("A1", 1), ([EOT], 1), ([START_HEADER], 0), ("user", 0), ([END_HEADER], 0),
-                       ("\n\nQ2?", 0), ([EOT, START_HEADER], 0), ("assistant", 0), ([END_HEADER], 0),
-                       ("\n\n", 0), ("A2", 1), ([EOT], 1)),
-    "chatml": expected(([IM_START], 0), ("system\nYou are a helpful assistant.", 0), ([IM_END], 0), ("\n", 0),
-                       ([IM_START], 0), ("user\n", 0), (IMG, 0), ("\nQ1?", 0), ([IM_END], 0), ("\n", 0),
-                       ([IM_START], 0), ("assistant\n", 0), ("A1", 1), ([IM_END], 1), ("\n", 0),
-                       ([IM_START], 0), ("user\nQ2?", 0), ([IM_END], 0), ("\n", 0), ([IM_START], 0),
-                       ("assistant\n", 0), ("A2", 1), ([IM_END], 1), ("\n", 0)),
+FORMATS = {   # the text of TURNS in each format ({a}</s> with the byte tokenizer's eos text)
+    "plain": "<image>\nQ1?\nA1</s>Q2?\nA2</s>",
+    "vicuna_v1": f"{VICUNA_SYSTEM} USER: <image>\nQ1? ASSISTANT: A1</s>USER: Q2? ASSISTANT: A2</s>",
+    "mistral_instruct": "[INST] <image>\nQ1? [/INST] A1</s> [INST] Q2? [/INST] A2</s>",
+    "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nQ1?<|im_end|>\n"
+              "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2?<|im_end|>\n<|im_start|>assistant\n"
+              "A2<|im_end|>\n",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n<image>\nQ1?<|eot_id|><|start_header_id|>assistant"
+              "<|end_header_id|>\n\nA1<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ2?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>",
 }
+BUILT_IN = sorted(FORMATS)
+# The answer spans of each format: the answers with their closing token, and the space before them (a space the
+# generation prompt leaves out belongs to the answer).
+SUPERVISED = {"plain": ["A1</s>", "A2</s>"], "vicuna_v1": [" A1</s>", " A2</s>"],
+              "mistral_instruct": [" A1</s>", " A2</s>"], "chatml": ["A1<|im_end|>", "A2<|im_end|>"],
+              "llama3": ["A1<|eot_id|>", "A2<|eot_id|>"]}
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_loss_mask_matches_hand_built_expectation(name):
-    ids, mask = encode_pieces(render(TEMPLATES[name], TURNS), ByteTokenizer(IMAGE), TOKENS_PER_IMAGE)
-    want_ids, want_mask = HAND_BUILT[name]
-    assert ids.tolist() == want_ids
-    assert mask.tolist() == want_mask
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_format_is_the_documented_text(name):
+    conversation = TEMPLATES[name].render(TURNS, ByteTokenizer(IMAGE))
+    assert conversation.text == FORMATS[name]
+    assert [conversation.text[start:end] for start, end in conversation.answer_spans] == SUPERVISED[name]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_byte_ids_and_mask_are_the_text_with_bos_and_expanded_images(name):
+    tokenizer = ByteTokenizer(IMAGE)
+    ids, mask = encode(TEMPLATES[name].render(TURNS, tokenizer), tokenizer, TOKENS_PER_IMAGE)
+    specials = {token: tokenizer.token_id(token) for token in ByteTokenizer.SPECIALS}
+    want_ids, want_mask, text = [BOS], [0.0], FORMATS[name]
+    supervised = np.zeros(len(text), bool)
+    for start, end in TEMPLATES[name].render(TURNS, tokenizer).answer_spans:
+        supervised[start:end] = True
+    position = 0
+    while position < len(text):
+        token = next((t for t in [*specials, "<image>"] if text.startswith(t, position)), None)
+        if token:
+            count = TOKENS_PER_IMAGE if token == "<image>" else 1
+            want_ids += [IMAGE if token == "<image>" else specials[token]] * count
+            want_mask += [float(supervised[position])] * count
+            position += len(token)
+        else:
+            want_ids.append(ord(text[position]))
+            want_mask.append(float(supervised[position]))
+            position += 1
+    assert ids.tolist() == want_ids and mask.tolist() == want_mask
     assert ids.dtype == np.int32 and mask.dtype == np.float32
+    assert [ids[end - 1] for _, end in answer_spans(mask)] == [answer_end_id(TEMPLATES[name], tokenizer)] * 2
 
 
-def tokenizer_for(kind, tiny_config, tmp_path):
-    if kind == "byte":
-        config = tiny_config()
-    elif kind == "hf":
-        config = tiny_config(f"data.tokenizer={train_hf_tokenizer(tmp_path / 'tokenizer.json')}",
-                             "model.decoder.vocab_size=400", "model.image_token_id=399")
-    else:
-        config = tiny_config(f"data.tokenizer={train_sentencepiece(tmp_path)}")
-    return make_tokenizer(config.data, config.model)
-
-
-@pytest.mark.parametrize("kind", ["byte", "hf", "sentencepiece"])
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_unmasked_tokens_decode_to_exactly_the_answers(name, kind, tiny_config, tmp_path):
-    tokenizer = tokenizer_for(kind, tiny_config, tmp_path)
-    turns = [("system", "You are a helpful assistant."), ("user", "<image>\nWhat is in the picture?"),
-             ("assistant", "A red circle."), ("user", "Is it big?"), ("assistant", "Yes, it is big.")]
-    template = TEMPLATES[name]
-    ids, mask = encode_pieces(render(template, turns), tokenizer, 4)
-    spans = answer_spans(mask)
-    assert [tokenizer.decode(ids[start:end]) for start, end in spans] == ["A red circle.", "Yes, it is big."]
-    assert [int(ids[end - 1]) for _, end in spans] == [answer_end_id(template, tokenizer)] * 2
-    assert (ids == tokenizer.image_token_id).sum() == 4 and mask[ids == tokenizer.image_token_id].sum() == 0
-
-
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_generation_prompt_is_the_prefix_before_the_last_answer(name):
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_generation_prompt_is_the_tokens_before_the_last_answer(name):
     template, tokenizer = TEMPLATES[name], ByteTokenizer(IMAGE)
-    full, mask = encode_pieces(render(template, TURNS), tokenizer, TOKENS_PER_IMAGE)
-    prompt, prompt_mask = encode_pieces(generation_prompt(template, TURNS), tokenizer, TOKENS_PER_IMAGE)
-    last_answer_start = answer_spans(mask)[-1][0]
-    assert prompt.tolist() == full[:last_answer_start].tolist()
-    assert prompt_mask.sum() == mask[:last_answer_start].sum() == len("A1") + 1
+    full, mask = encode(template.render(TURNS, tokenizer), tokenizer, TOKENS_PER_IMAGE)
+    prompt, prompt_mask = encode(template.prompt(TURNS, tokenizer), tokenizer, TOKENS_PER_IMAGE)
+    assert prompt.tolist() == full[:answer_spans(mask)[-1][0]].tolist()
+    assert prompt_mask.sum() == 0 and not tokenizer.decode(prompt).endswith(" ")
 
 
 def test_system_prompt_precedence():
     template, tokenizer = TEMPLATES["chatml"], ByteTokenizer(IMAGE)
+
     def text(turns, system_prompt=None):
-        return tokenizer.decode(encode_pieces(render(template, turns, system_prompt), tokenizer, 1)[0])
-    assert text(TURNS[:2]).startswith("system\nYou are a helpful assistant.")
-    assert text(TURNS[:2], "Be brief.").startswith("system\nBe brief.")
-    assert text([("system", "Own."), *TURNS[:2]], "Be brief.").startswith("system\nOwn.")
-    assert text(TURNS[:2], "").startswith("user\n")
+        return template.render(turns, tokenizer, system_prompt).text
+    assert text(TURNS[:2]).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert text(TURNS[:2], "Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert text([("system", "Own."), *TURNS[:2]], "Be brief.").startswith("<|im_start|>system\nOwn.<|im_end|>")
+    assert text(TURNS[:2], "").startswith("<|im_start|>user\n")
+
+
+def test_mistral_instruct_puts_the_system_text_in_front_of_the_first_user_turn():
+    conversation = TEMPLATES["mistral_instruct"].render([("system", "Be brief."), *TURNS], ByteTokenizer(IMAGE))
+    assert conversation.text.startswith("[INST] Be brief.\n\n<image>\nQ1? [/INST] A1</s> [INST] Q2? [/INST]")
+
+
+def test_image_placement_front_moves_placeholders_like_llava():
+    turns = [("user", "What is this <image> thing? "), ("assistant", "A cat <image>?"),
+             ("user", " <image> and <image> compared")]
+    assert place_images(turns, "keep") == turns
+    assert place_images(turns, "front") == [("user", "<image>\nWhat is this  thing?"), turns[1],
+                                            ("user", "<image>\n<image>\nand  compared")]
+
+
+def test_image_placement_is_applied_to_training_and_prompts(tiny_config, tmp_path):
+    example = Example("e", [("user", "Describe <image> please"), ("assistant", "Red.")],
+                      [write_image(tmp_path / "a.png")])
+    for placement, user_text in (("keep", "Describe <image> please"), ("front", "<image>\nDescribe  please")):
+        config = tiny_config("data.template=vicuna_v1", f"data.image_placement={placement}", "data.max_length=300")
+        tokenizer = make_tokenizer(config.data, config.model)
+        encoder, template = ExampleEncoder(config, tokenizer), TEMPLATES["vicuna_v1"]
+        turns = [("user", user_text), example.turns[1]]
+        n = config.model.tokens_per_image
+        assert encoder.tokens(example)[0].tolist() == encode(template.render(turns, tokenizer), tokenizer, n)[0].tolist()
+        assert encoder.eval_example(example)["prompt_ids"].tolist() == \
+            encode(template.prompt(turns, tokenizer), tokenizer, n)[0].tolist()
 
 
 def test_template_tokenizer_mismatch_raises(tiny_config, tmp_path):
-    config = tiny_config(f"data.tokenizer={train_wordlevel_tokenizer(tmp_path / 'words.json')}")
+    path = train_wordlevel_tokenizer(tmp_path / "words.json")
+    config = tiny_config(f"data.tokenizer={path}", f"model.image_token_id={image_id_of(path)}",
+                         "model.decoder.vocab_size=400")
     tokenizer = make_tokenizer(config.data, config.model)        # maps unseen words to [UNK]: no round trip
     with pytest.raises(ValueError, match="data.template=plain.*supervised tokens decode to"):
         check_template(TEMPLATES["plain"], tokenizer, 4)
@@ -106,6 +123,21 @@ def test_template_tokenizer_mismatch_raises(tiny_config, tmp_path):
 
 def test_template_special_token_missing_from_tokenizer_raises(tiny_config, tmp_path):
     path = train_hf_tokenizer(tmp_path / "tokenizer.json", specials=("<unk>", "<s>", "</s>"))
-    config = tiny_config(f"data.tokenizer={path}", "model.decoder.vocab_size=400", "model.image_token_id=399")
-    with pytest.raises(ValueError, match="no token '<\\|im_start\\|>'"):
+    config = tiny_config(f"data.tokenizer={path}", f"model.image_token_id={image_id_of(path)}",
+                         "model.decoder.vocab_size=400")
+    with pytest.raises(ValueError, match="no token '<\\|im_end\\|>'"):
         check_template(TEMPLATES["chatml"], make_tokenizer(config.data, config.model), 4)
+
+
+def test_tokenizer_template_needs_a_chat_template(tiny_config):
+    with pytest.raises(ValueError, match="data.template=tokenizer.*no chat template"):
+        check_template(TEMPLATES["tokenizer"], ByteTokenizer(IMAGE), 4)
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_bad_sample(tiny_config, real_tokenizers):
+    _, paths = real_tokenizers                         # Mistral-v0.2's template refuses system turns
+    config = tiny_config(f"data.tokenizer={paths['mistral-v1-chat']}", "data.template=tokenizer",
+                         "model.decoder.vocab_size=32100", "model.image_token_id=32005", "data.max_length=300")
+    encoder = ExampleEncoder(config, make_tokenizer(config.data, config.model))
+    with pytest.raises(BadSample, match="malformed_record.*refuses the conversation"):
+        encoder.tokens(Example("s", [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")]))

@@ -1,10 +1,11 @@
 """One example from any source -> model inputs: a training sample or an evaluation prompt.
 
 Public surface: `Example` (what every source yields) and `ExampleEncoder(config, tokenizer)` with
-`sample(example)` (input_ids, loss_mask, uint8 pixel_values [k, S, S, 3], image_mask [k], "_id") and
-`eval_example(example)` (float32 pixel_values, normalised with `images.normalize_pixels`). `sample` and
-`eval_example` raise BadSample for malformed conversations, <image>/image count mismatches, too many images, too
-long sequences and unreadable images (checked in that order, so images are decoded last).
+`tokens(example)` (input_ids, loss_mask), `sample(example)` (+ uint8 pixel_values [k, S, S, 3], image_mask [k],
+"_id") and `eval_example(example)` (float32 pixel_values, normalised with `images.normalize_pixels`), and
+`place_images(turns, placement)` (data.image_placement). `sample` and `eval_example` raise BadSample for malformed
+conversations, <image>/image count mismatches, too many images, too long sequences and unreadable images (checked
+in that order, so images are decoded last).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import numpy as np
 from llava_jax.data.bad_samples import BadSample
 from llava_jax.data.images import ImageProcessor
 from llava_jax.data.sequences import fit_length
-from llava_jax.data.templates import (IMAGE_PLACEHOLDER, TEMPLATES, check_template, encode_pieces,
-                                      generation_prompt, render)
+from llava_jax.data.templates import IMAGE_PLACEHOLDER, check_template, encode, get_template
+from llava_jax.data.tokenizers import ChatTemplateError
 
 
 @dataclass
@@ -50,13 +51,29 @@ def validate_turns(example: Example) -> None:
         raise bad("the conversation does not end with an assistant answer")
 
 
+def place_images(turns: list[tuple[str, str]], placement: str) -> list[tuple[str, str]]:
+    """data.image_placement: `keep` leaves each <image> where the record has it; `front` moves the placeholders of a
+    user turn to its front, as LLaVA-1.5's preprocessing does ("<image>\n" + the text without them, stripped;
+    several images stay several placeholders)."""
+    if placement == "keep":
+        return turns
+    placed = []
+    for role, text in turns:
+        count = text.count(IMAGE_PLACEHOLDER) if role == "user" else 0
+        if count:
+            text = f"{IMAGE_PLACEHOLDER}\n" * count + text.replace(IMAGE_PLACEHOLDER, "").strip()
+        placed.append((role, text))
+    return placed
+
+
 class ExampleEncoder:
     """Turns Examples into token ids + loss mask (templates) and tower-sized images for one config."""
 
     def __init__(self, config, tokenizer):
         self.tokenizer = tokenizer
-        self.template = TEMPLATES[config.data.template]
+        self.template = get_template(config.data.template)
         self.system_prompt = config.data.system_prompt
+        self.image_placement = config.data.image_placement
         self.tokens_per_image = config.model.tokens_per_image
         self.max_length = config.data.max_length
         self.max_images = config.data.max_images
@@ -85,14 +102,25 @@ class ExampleEncoder:
                 raise
         return pixels
 
-    def sample(self, example: Example) -> dict[str, Any]:
-        """A training sample: input_ids int32 [L], loss_mask float32 [L] (L <= data.max_length), pixel_values
-        uint8 [k, S, S, 3] (normalised on device by the train step), image_mask int32 [k] (k = the example's
-        images) and "_id"."""
+    def _render(self, render, turns, example: Example):
+        try:
+            return render(turns, self.tokenizer, self.system_prompt)
+        except ChatTemplateError as error:
+            raise BadSample("malformed_record", str(error), example.id) from None
+
+    def tokens(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids int32 [L] and loss_mask float32 [L] (L <= data.max_length) of a training sample; no image
+        is read."""
         self._check(example)
-        ids, mask = encode_pieces(render(self.template, example.turns, self.system_prompt), self.tokenizer,
-                                  self.tokens_per_image)
-        ids, mask = fit_length(ids, mask, self.max_length, self.tokenizer.image_token_id, example.id)
+        turns = place_images(example.turns, self.image_placement)
+        ids, mask = encode(self._render(self.template.render, turns, example), self.tokenizer,
+                           self.tokens_per_image)
+        return fit_length(ids, mask, self.max_length, self.tokenizer.image_token_id, example.id)
+
+    def sample(self, example: Example) -> dict[str, Any]:
+        """A training sample: `tokens` (input_ids, loss_mask), pixel_values uint8 [k, S, S, 3] (normalised on
+        device by the train step), image_mask int32 [k] (k = the example's images) and "_id"."""
+        ids, mask = self.tokens(example)
         num_images = len(example.images)
         return {"input_ids": ids, "loss_mask": mask, "pixel_values": self._pixels(example, num_images),
                 "image_mask": np.ones(num_images, np.int32), "_id": example.id}
@@ -102,8 +130,9 @@ class ExampleEncoder:
         (`images.normalize_pixels`: zeros where there is no image), image_mask int32 [I] (I = data.max_images)
         and answers (reference texts)."""
         self._check(example)
-        prompt_ids, _ = encode_pieces(generation_prompt(self.template, example.turns, self.system_prompt),
-                                      self.tokenizer, self.tokens_per_image)
+        turns = place_images(example.turns, self.image_placement)
+        prompt_ids, _ = encode(self._render(self.template.prompt, turns, example), self.tokenizer,
+                               self.tokens_per_image)
         if len(prompt_ids) > self.max_length:
             raise BadSample("too_long", f"the prompt has {len(prompt_ids)} tokens > data.max_length="
                             f"{self.max_length}", example.id)
