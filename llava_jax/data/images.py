@@ -5,8 +5,10 @@ Public surface: `open_image(ref) -> PIL RGB image` (raises BadSample), `to_rgb(i
 `ImageProcessor(config)`: `(ref) -> uint8 [S, S, 3]` and `.normalize(pixels, image_mask) -> float32`.
 Training batches carry uint8 pixels (4x less to copy on the host and to send to devices); the train step
 normalises them on device.
-Aspect (data.image_aspect): `pad` to a square with the mean colour (LLaVA-1.5), `resize` (stretch), `center_crop`
-(shortest side to S, then crop).
+Aspect (data.image_aspect), pixel for pixel as LLaVA-1.5 makes them (tests/test_data_images_llava_parity.py):
+`pad`: LLaVA's expand2square with `int(255 * mean)` (truncated), then CLIPImageProcessor's bicubic resize to S;
+`center_crop`: CLIPImageProcessor alone (shortest side to S, long side `int(S * long / short)`, centre crop);
+`resize`: stretch to S x S (bicubic).
 """
 from __future__ import annotations
 
@@ -108,24 +110,38 @@ class ImageProcessor:
         self.size = config.model.vision.image_size
         self.aspect = config.data.image_aspect
         self.mean, self.std = image_stats(config)
-        self.mean_color = tuple(int(round(255 * m)) for m in self.mean)
+        # LLaVA-1.5 (llava/train/train.py) pads with `tuple(int(x * 255) for x in image_processor.image_mean)`:
+        # truncated, not rounded, so CLIP's mean is (122, 116, 104) and SigLIP's 0.5 is (127, 127, 127).
+        self.pad_color = tuple(int(255 * m) for m in self.mean)
 
     def square(self, image: Image.Image) -> Image.Image:
+        """RGB image -> S x S RGB image (data.image_aspect; see the module docstring)."""
         width, height = image.size
         if self.aspect == "pad" and width != height:
-            side = max(width, height)
-            canvas = Image.new("RGB", (side, side), self.mean_color)
-            canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-            image = canvas
+            image = self._pad_to_square(image)
         elif self.aspect == "center_crop" and width != height:
-            scale = self.size / min(width, height)
-            image = image.resize((max(self.size, round(width * scale)), max(self.size, round(height * scale))),
-                                 Image.BICUBIC)
-            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
-            return image.crop((left, top, left + self.size, top + self.size))
-        if image.size != (self.size, self.size):
+            return self._shortest_side_then_crop(image)
+        if image.size != (self.size, self.size):              # PIL would copy an S x S image unchanged anyway
             image = image.resize((self.size, self.size), Image.BICUBIC)
         return image
+
+    def _pad_to_square(self, image: Image.Image) -> Image.Image:
+        """LLaVA's expand2square: a wide image is pasted at (0, (w - h) // 2), a tall one at ((h - w) // 2, 0)."""
+        width, height = image.size
+        side = max(width, height)
+        canvas = Image.new("RGB", (side, side), self.pad_color)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+
+    def _shortest_side_then_crop(self, image: Image.Image) -> Image.Image:
+        """CLIPImageProcessor's resize + center crop: the short side becomes S and the long side
+        `int(S * long / short)` (truncated, as transformers' get_resize_output_image_size), then the centre S x S."""
+        width, height = image.size
+        long_side = int(self.size * max(width, height) / min(width, height))
+        new_size = (long_side, self.size) if width > height else (self.size, long_side)
+        image = image.resize(new_size, Image.BICUBIC)
+        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
 
     def __call__(self, ref: Any) -> np.ndarray:
         return np.asarray(self.square(open_image(ref)))
