@@ -23,22 +23,20 @@ from typing import Any, Iterator, Optional
 import grain
 import jax
 import orbax.checkpoint as ocp
-import yaml
 from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from llava_jax.config import CheckpointConfig, Config, config_to_dict
+from llava_jax.model_params import CHECKPOINT_DIR, CONFIG, STATE, params_source, restore_params
 from llava_jax.train.state import TrainSetup, TrainState
 
-CHECKPOINT_DIR = "checkpoints"
-STATE, DATA, CONFIG = "state", "data", "config"
+DATA = "data"
 # Keys that fix the params or the optimizer-state tree: a resumed run must keep them ...
 STATE_KEYS = ("model.", "train.stage", "train.freeze")
 # ... except these model keys, which change how the model computes but not its params.
 COMPUTE_ONLY_KEYS = ("model.dtype", "model.remat", "model.attention")
 MAX_REASON_CHARS = 300                                          # of a read error in a warning
-CONVERTED_CONFIG, CONVERTED_PARAMS = "config.yaml", "params"   # `python -m llava_jax.convert` output
 
 log = logging.getLogger(__name__)
 
@@ -278,38 +276,13 @@ class InitParams:
         return lines
 
 
-def _newest_step_dir(directory: epath.Path) -> epath.Path:
-    steps = RunCheckpointer(str(directory), CheckpointConfig(), read_only=True).steps()
-    if not steps:
-        raise FileNotFoundError(f"train.init_from: {directory} holds no complete checkpoint")
-    return directory / str(steps[-1])
-
-
-def _params_source(path: str) -> tuple[epath.Path, tuple[str, ...], dict]:
-    """(directory of the saved pytree, key prefix of the params inside it, the source's config as a dict) for a
-    converted model directory, a run directory, a checkpoints directory or one checkpoint step directory."""
-    root = epath.Path(path).absolute()
-    if (root / CONVERTED_PARAMS).is_dir():
-        return root / CONVERTED_PARAMS, (), yaml.safe_load((root / CONVERTED_CONFIG).read_text())
-    if (root / CHECKPOINT_DIR).is_dir():
-        root = _newest_step_dir(root / CHECKPOINT_DIR)
-    elif root.is_dir() and not (root / STATE).is_dir():
-        root = _newest_step_dir(root)
-    if not (root / STATE).is_dir():
-        raise FileNotFoundError(f"train.init_from: {path} is not a converted model (config.yaml + params/), a run "
-                                "directory (with checkpoints/) or a checkpoint directory (checkpoints/<step>)")
-    saved_config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(root / CONFIG)
-    return root / STATE, ("params",), saved_config
-
-
-def _saved_shapes(item_dir: epath.Path, prefix: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
-    for key in prefix:
-        tree = tree[key]
-    return {path: tuple(meta.shape) for path, meta in traverse_util.flatten_dict(tree, sep="/").items()}
-
-
 def _check_compatible(wanted: dict, saved: dict[str, tuple], source: str) -> None:
+    head = "language_model/lm_head/kernel"
+    if (head in wanted) != (head in saved) and any(path.startswith("language_model/") for path in saved):
+        tied = head not in wanted
+        raise ValueError(f"train.init_from: this model has model.decoder.tie_embeddings={str(tied).lower()} but "
+                         f"{source} {'holds' if tied else 'has no'} a separate lm_head; use the source's "
+                         "tie_embeddings")
     for path, leaf in wanted.items():
         if path in saved and saved[path] != tuple(leaf.shape):
             raise ValueError(f"train.init_from: param {path!r} has shape {saved[path]} in {source} but this model "
@@ -328,21 +301,16 @@ def _check_compatible(wanted: dict, saved: dict[str, tuple], source: str) -> Non
 def load_init_params(path: str, setup: TrainSetup) -> InitParams:
     """train.init_from: reads only the params (no optimizer state or step) from a converted model directory
     (`python -m llava_jax.convert` output), a run directory, its checkpoints directory (newest step) or one step
-    directory, directly into this run's shardings. Shape mismatches raise ValueError naming the param."""
-    item_dir, prefix, source_config = _params_source(path)
+    directory (`model_params.params_source`), directly into this run's shardings. Shape mismatches and a tied /
+    untied output layer that disagrees with the source raise ValueError naming the param or key."""
+    source = params_source(path)
     wanted = traverse_util.flatten_dict(setup.abstract_state.params, sep="/")
-    saved = _saved_shapes(item_dir, prefix)
-    _check_compatible(wanted, saved, str(item_dir))
+    saved = source.shapes()
+    _check_compatible(wanted, saved, str(source.item_dir))
     found = {p: leaf for p, leaf in wanted.items() if p in saved}
-    target = traverse_util.unflatten_dict(found, sep="/")
-    for key in reversed(prefix):
-        target = {key: target}
-    restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    for key in prefix:
-        restored = restored[key]
-    differences = config_differences(source_config, config_to_dict(setup.config), prefix="model.")
+    restored = restore_params(source, traverse_util.unflatten_dict(found, sep="/"), partial=True)
+    differences = config_differences(source.config, config_to_dict(setup.config), prefix="model.")
     return InitParams(
-        source=str(item_dir), params=traverse_util.flatten_dict(restored, sep="/"),
+        source=str(source.item_dir), params=traverse_util.flatten_dict(restored, sep="/"),
         missing=sorted(set(wanted) - set(saved)), unused=sorted(set(saved) - set(wanted)),
         model_differences=[f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items()])

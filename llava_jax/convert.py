@@ -1,9 +1,11 @@
 """Converts Hugging Face LLaVA checkpoints to llava-jax model directories and back.
 
-Public surface: `save_converted(out_dir, config, params)`, `load_converted(path) -> (Config, params)` and the CLI
-`python -m llava_jax.convert {hf-to-jax,towers,jax-to-hf}`. A converted directory holds `config.yaml` (a full run
-config whose `model` section is the converted model; usable as --config) and `params/` (the unboxed params tree,
-saved with orbax.checkpoint.StandardCheckpointer). `--set key=value` overrides apply on top of the converted config.
+Public surface: `save_converted(out_dir, config, params, tokenizer=None)` and the CLI `python -m llava_jax.convert
+{hf-to-jax,towers,jax-to-hf}`. A converted directory holds `config.yaml` (a full run config whose `model` section
+is the converted model; usable as --config), `params/` (the unboxed params tree, Orbax StandardCheckpointer) and,
+when there is one, `tokenizer/` (transformers files with "<image>", and "<pad>" if the tokenizer had no pad token;
+`data.tokenizer` points at it). `--set key=value` overrides apply on top of the converted config. Directories are
+read back with `llava_jax.model_params.load_model`, which also reads training runs (jax-to-hf exports either).
 """
 from __future__ import annotations
 
@@ -15,33 +17,27 @@ from typing import Any, Optional, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from llava_jax.config import (Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, load_config,
-                              save_config)
+from llava_jax.config import Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, save_config
+from llava_jax.data.tokenizers import llava_tokenizer
 from llava_jax.hf import conform_params, load_hf_llava, load_hf_towers, save_hf_llava
+from llava_jax.model_params import CONVERTED_CONFIG, CONVERTED_PARAMS, load_model
 
-CONFIG_FILE = "config.yaml"
-PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
-def save_converted(out_dir, config: Config, params: Any) -> None:
-    """Writes OUT/config.yaml and OUT/params/ (refuses to overwrite an existing params directory)."""
+def save_converted(out_dir, config: Config, params: Any, tokenizer=None) -> None:
+    """Writes OUT/config.yaml, OUT/params/ and OUT/tokenizer/ (refuses to overwrite an existing params directory)."""
     out_dir = Path(out_dir).absolute()
-    if (out_dir / PARAMS_DIR).exists():
-        raise FileExistsError(f"{out_dir / PARAMS_DIR}: already exists; choose a new --out directory")
+    if (out_dir / CONVERTED_PARAMS).exists():
+        raise FileExistsError(f"{out_dir / CONVERTED_PARAMS}: already exists; choose a new --out directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, str(out_dir / CONFIG_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+    save_config(config, str(out_dir / CONVERTED_CONFIG))
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir / PARAMS_DIR, params)
+    checkpointer.save(out_dir / CONVERTED_PARAMS, params)
     checkpointer.wait_until_finished()
-
-
-def load_converted(path, target: Optional[Any] = None) -> tuple[Config, Any]:
-    """Reads a directory written by `save_converted`. `target` (a tree of arrays or jax.ShapeDtypeStruct with
-    shardings) restores onto that layout; without it the params come back as saved."""
-    path = Path(path).absolute()
-    config = load_config(str(path / CONFIG_FILE))
-    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
-    return config, params
 
 
 def run_config(model_config: ModelConfig, overrides: Sequence[str] = ()) -> Config:
@@ -49,33 +45,62 @@ def run_config(model_config: ModelConfig, overrides: Sequence[str] = ()) -> Conf
     return config_from_dict(apply_overrides({"model": config_to_dict(model_config)}, overrides))
 
 
-def _convert(model_config: ModelConfig, params: Any, overrides: Sequence[str], out_dir: str) -> None:
+def _convert(model_config: ModelConfig, params: Any, overrides: Sequence[str], out_dir: str, tokenizer=None) -> None:
+    if tokenizer is not None:
+        overrides = [f"data.tokenizer={Path(out_dir).absolute() / TOKENIZER_DIR}", *overrides]
     config = run_config(model_config, overrides)
-    save_converted(out_dir, config, conform_params(params, config.model))
+    save_converted(out_dir, config, conform_params(params, config.model), tokenizer)
+
+
+def _tokenizer_source(args: argparse.Namespace) -> Optional[str]:
+    """--tokenizer, else the directory given by --hf / --language when it holds tokenizer files."""
+    if args.tokenizer:
+        return args.tokenizer
+    directory = Path(args.hf if args.command == "hf-to-jax" else args.language)
+    return str(directory) if any((directory / name).exists() for name in TOKENIZER_FILES) else None
 
 
 def _hf_to_jax(args: argparse.Namespace) -> None:
-    _convert(*load_hf_llava(args.hf), args.set, args.out)
+    config, params = load_hf_llava(args.hf)
+    source = _tokenizer_source(args)
+    tokenizer = llava_tokenizer(source) if source else None
+    if tokenizer is not None and tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
+        raise ValueError(f"the tokenizer of {source} has <image> = {tokenizer.convert_tokens_to_ids('<image>')} "
+                         f"but the model's image_token_index is {config.image_token_id}")
+    _convert(config, params, args.set, args.out, tokenizer)
 
 
 def _towers(args: argparse.Namespace) -> None:
+    source = _tokenizer_source(args)
+    tokenizer = llava_tokenizer(source) if source else None
+    image_token_id = args.image_token_id
+    if tokenizer is not None:
+        own_id = tokenizer.convert_tokens_to_ids("<image>")
+        if image_token_id not in (None, own_id):
+            raise ValueError(f"--image-token-id {image_token_id}: the tokenizer of {source} gives <image> the id "
+                             f"{own_id}; drop the flag or use --tokenizer with one whose <image> is that id")
+        image_token_id = own_id
     model_config, params = load_hf_towers(
-        args.vision, args.language, projector=args.projector, image_token_id=args.image_token_id,
-        vision_feature_layer=args.vision_feature_layer,
+        args.vision, args.language, projector=args.projector, image_token_id=image_token_id,
+        vocab_size=args.vocab_size, vision_feature_layer=args.vision_feature_layer,
         vision_feature_select_strategy=args.vision_feature_select_strategy, pixel_shuffle=args.pixel_shuffle,
-        rng=jax.random.key(args.seed))
-    _convert(model_config, params, args.set, args.out)
+        rng=jax.random.key(args.seed), min_vocab_size=0 if tokenizer is None else len(tokenizer))
+    _convert(model_config, params, args.set, args.out, tokenizer)
 
 
 def _jax_to_hf(args: argparse.Namespace) -> None:
-    config, params = load_converted(args.src)
-    save_hf_llava(config.model, params, args.out)
+    config, params = load_model(args.src)
+    save_hf_llava(config.model, jax.device_get(params), args.out)
+    if config.data.tokenizer != "byte":
+        llava_tokenizer(config.data.tokenizer).save_pretrained(args.out)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     set_help = "config override, e.g. model.dtype=bfloat16 (repeatable)"
+    tokenizer_help = ("tokenizer directory / tokenizer.json / sentencepiece model written to OUT/tokenizer "
+                      "(default: the model directory's own tokenizer files, if any)")
 
     hf_to_jax = commands.add_parser("hf-to-jax", help="LlavaForConditionalGeneration directory -> llava-jax")
     hf_to_jax.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
@@ -87,19 +112,27 @@ def _parser() -> argparse.ArgumentParser:
     towers.add_argument("--projector", default="mlp2x_gelu", help="linear or mlpNx_gelu")
     towers.add_argument("--pixel-shuffle", action="store_true", help="fold 2x2 vision tokens before the projector")
     towers.add_argument("--image-token-id", type=int, default=None,
-                        help="existing token id for images (default: append one token to the vocabulary)")
+                        help="token id for images (default: the tokenizer's <image>, added after its tokens; "
+                             "without a tokenizer the first id after the language model's vocabulary)")
+    towers.add_argument("--vocab-size", type=int, default=None,
+                        help="vocabulary after growth (default: room for <image> and <pad>, padded to a multiple "
+                             "of 64: LLaMA's 32000 -> 32064, as llava-1.5-7b-hf)")
     towers.add_argument("--vision-feature-layer", type=int, default=-2)
     towers.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default")
     towers.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
     towers.set_defaults(run=_towers)
 
     for command in (hf_to_jax, towers):
-        command.add_argument("--out", required=True, help="output directory (config.yaml + params/)")
+        command.add_argument("--out", required=True, help="output directory (config.yaml + params/ + tokenizer/)")
+        command.add_argument("--tokenizer", default=None, help=tokenizer_help)
         command.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
 
-    jax_to_hf = commands.add_parser("jax-to-hf", help="llava-jax directory -> LlavaForConditionalGeneration")
-    jax_to_hf.add_argument("--src", required=True, help="directory written by hf-to-jax / towers")
-    jax_to_hf.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    jax_to_hf = commands.add_parser("jax-to-hf",
+                                    help="llava-jax model or training run -> LlavaForConditionalGeneration")
+    jax_to_hf.add_argument("--src", required=True, help="directory written by hf-to-jax / towers, a training run "
+                           "(its newest checkpoint) or one checkpoint directory")
+    jax_to_hf.add_argument("--out", required=True, help="output directory (config.json, model.safetensors and the "
+                           "tokenizer files)")
     jax_to_hf.set_defaults(run=_jax_to_hf)
     return parser
 

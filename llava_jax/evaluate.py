@@ -19,7 +19,8 @@ import numpy as np
 
 from llava_jax.config import Config
 from llava_jax.data.pipeline import make_eval_examples
-from llava_jax.generate import generate_answers, load_run
+from llava_jax.generate import generate_answers
+from llava_jax.model_params import load_model
 
 ARTICLES = frozenset({"a", "an", "the"})
 NUMBER_WORDS = {word: str(value) for value, word in enumerate(
@@ -98,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    config, params = load_run(args.workdir or args.checkpoint, args.overrides)
+    config, params = load_model(args.workdir or args.checkpoint, args.overrides)
     print(json.dumps(evaluate(config, params, args.limit, args.batch_size, args.max_new_tokens)))
 
 

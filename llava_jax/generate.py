@@ -3,7 +3,7 @@
 Public surface: `generate(model_config, params, prompt_ids_list, pixel_values, image_mask, max_new_tokens, eos_id,
 pad_id, temperature=0.0, top_k=0, top_p=1.0, rng=None) -> list[list[int]]`, `generate_tokens(...)` (the raw
 [B, max_new_tokens] array), `left_pad`, `sample_logits`, `generate_answers(config, params, examples, ...) -> [str]`,
-`prompt_example(config, prompt, image)`, `load_run(path, overrides) -> (Config, params)` and the CLI
+`prompt_example(config, prompt, image)` and the CLI
 `python -m llava_jax.generate (--workdir DIR | --checkpoint PATH) --image PATH --prompt TEXT [--max-new-tokens N]
 [--temperature T] [--top-k K] [--top-p P] [--seed S] [--set KEY=VALUE ...]`.
 
@@ -17,23 +17,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from llava_jax.checkpoint import load_init_params
-from llava_jax.config import Config, MeshConfig, ModelConfig, load_config
+from llava_jax.config import Config, ModelConfig
 from llava_jax.data.bad_samples import BadSample
 from llava_jax.data.examples import Example, ExampleEncoder
 from llava_jax.data.templates import IMAGE_PLACEHOLDER, answer_end_id, get_template
 from llava_jax.data.tokenizers import make_tokenizer
+from llava_jax.model_params import load_model
 from llava_jax.models.llava import LlavaModel, check_image_tokens
-from llava_jax.sharding import make_mesh
-from llava_jax.train.state import make_train_setup
 
 PROMPT_LENGTH_MULTIPLE = 16
 
@@ -178,6 +174,11 @@ def generate_tokens(model_config: ModelConfig, params, prompt_ids_list: Sequence
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = left_pad(prompt_ids_list, pad_id)
+    max_positions = model_config.decoder.max_position_embeddings
+    if int(prompts.lengths.max()) + max_new_tokens > max_positions:
+        raise ValueError(f"a prompt of {int(prompts.lengths.max())} tokens + max_new_tokens={max_new_tokens} goes "
+                         f"beyond model.decoder.max_position_embeddings={max_positions}; shorten the prompt or "
+                         "generate fewer tokens")
     num_images = 0 if pixel_values is None else pixel_values.shape[1]
     check_image_tokens(prompts.input_ids, image_mask, num_images, model_config)
     programs = _programs(model_config)
@@ -222,28 +223,6 @@ def generate_answers(config: Config, params, examples: Sequence[dict], max_new_t
     return answers
 
 
-def _workdir(path: str) -> str:
-    """The run directory of `path`: a workdir (holding config.yaml) or one of its WORKDIR/checkpoints/<step>."""
-    path = os.path.abspath(path)
-    for candidate in (path, os.path.dirname(os.path.dirname(path))):
-        if os.path.exists(os.path.join(candidate, "config.yaml")):
-            return candidate
-    raise ValueError(f"{path}: neither a training workdir (holding config.yaml) nor a checkpoint directory "
-                     "WORKDIR/checkpoints/<step> of one")
-
-
-def load_run(path: str, overrides: Sequence[str] = ()) -> tuple[Config, Any]:
-    """(config, params) of a training run: `path` is its workdir (newest checkpoint) or one checkpoint directory
-    WORKDIR/checkpoints/<step>; `overrides` ("key=value") apply on top of the run's saved WORKDIR/config.yaml.
-    Params are restored sharded over all devices (fsdp), whatever mesh the run trained on."""
-    config = load_config(os.path.join(_workdir(path), "config.yaml"), overrides)
-    setup = make_train_setup(config, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)))
-    restored = load_init_params(path, setup)
-    if restored.missing:
-        raise ValueError(f"{restored.source} lacks params of this model: {', '.join(restored.missing)}")
-    return config, traverse_util.unflatten_dict(restored.params, sep="/")
-
-
 def prompt_example(config: Config, prompt: str, image: Optional[str]) -> dict:
     """The evaluation example the data pipeline builds for one user `prompt` about `image` (None: no image):
     "<image>\\n" goes in front of the prompt unless it already holds "<image>"."""
@@ -267,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    config, params = load_run(args.workdir or args.checkpoint, args.overrides)
+    config, params = load_model(args.workdir or args.checkpoint, args.overrides)
     try:
         example = prompt_example(config, args.prompt, args.image)
     except BadSample as bad:

@@ -269,6 +269,12 @@ def test_init_from_shape_mismatch_names_the_param(config_path, reference):
         load_init_params(reference, make_train_setup(config, make_mesh(config.mesh)))
 
 
+def test_init_from_with_the_other_tie_embeddings_flag_is_refused(config_path, reference):
+    config = load_config(config_path, ["model.decoder.tie_embeddings=true"])       # the reference run is untied
+    with pytest.raises(ValueError, match="tie_embeddings=true but .* holds a separate lm_head"):
+        load_init_params(reference, make_train_setup(config, make_mesh(config.mesh)))
+
+
 def test_dropping_metrics_after_a_step_keeps_whole_earlier_records(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     with open(path, "w") as f:

@@ -61,6 +61,7 @@ def test_tokens_per_image_follows_strategy_and_pixel_shuffle():
     (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
     (["mesh.tensor=0"], "mesh.tensor"),
     (["data.max_length=100"], "data.max_length"),                           # cannot hold a 576-token image
+    (["data.max_length=4097"], "data.max_length"),                          # beyond max_position_embeddings
     (["data.source=llava_json"], "data.json_path"),
     (["train.freeze=[vision, eyes]"], "train.freeze[1]"),
     (["checkpoint.keep=0"], "checkpoint.keep"),

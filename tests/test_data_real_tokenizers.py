@@ -1,6 +1,7 @@
 """Every template x real tokenizer: ids are exactly transformers' one-call encoding of the whole conversation,
 the loss mask covers exactly the answers, and the formats are the ones the models were trained with (LLaVA's
-conversation code, mistral-common, Qwen2's and LLaMA-3's own chat templates). Tokenizer files: tests/real_tokenizers.py.
+conversation code, mistral-common, Qwen2's and LLaMA-3's own chat templates). Tokenizer files:
+tests/real_tokenizers.py.
 """
 import os
 

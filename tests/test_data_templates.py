@@ -107,7 +107,8 @@ def test_image_placement_is_applied_to_training_and_prompts(tiny_config, tmp_pat
         encoder, template = ExampleEncoder(config, tokenizer), TEMPLATES["vicuna_v1"]
         turns = [("user", user_text), example.turns[1]]
         n = config.model.tokens_per_image
-        assert encoder.tokens(example)[0].tolist() == encode(template.render(turns, tokenizer), tokenizer, n)[0].tolist()
+        expected, _ = encode(template.render(turns, tokenizer), tokenizer, n)
+        assert encoder.tokens(example)[0].tolist() == expected.tolist()
         assert encoder.eval_example(example)["prompt_ids"].tolist() == \
             encode(template.prompt(turns, tokenizer), tokenizer, n)[0].tolist()
 

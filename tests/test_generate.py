@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from llava_jax.generate import (Sampling, generate, generate_answers, generate_tokens, left_pad, load_run, main,
+from llava_jax.generate import (Sampling, generate, generate_answers, generate_tokens, left_pad, main,
                                 prompt_example, sample_logits)
+from llava_jax.model_params import load_model
 from llava_jax.models.llava import LlavaModel, init_params
 from tests.run_helpers import write_image, write_tiny_run
 
@@ -120,12 +121,25 @@ def tiny_run(tmp_path_factory):
     return workdir, config, params
 
 
-def test_load_run_restores_the_saved_config_and_params(tiny_run):
+def test_load_model_restores_the_saved_config_and_params(tiny_run):
     workdir, config, params = tiny_run
     for path in (workdir, os.path.join(workdir, "checkpoints", "3")):
-        loaded_config, loaded_params = load_run(path, ["data.synthetic_eval_size=2"])
+        loaded_config, loaded_params = load_model(path, ["data.synthetic_eval_size=2"])
         assert loaded_config.model == config.model and loaded_config.data.synthetic_eval_size == 2
         jax.tree.map(np.testing.assert_array_equal, loaded_params, jax.device_get(params))
+
+
+def test_load_model_refuses_params_of_another_model(tiny_run):
+    workdir, _, _ = tiny_run                                    # untied: a saved lm_head the tied model has no place for
+    with pytest.raises(ValueError, match="does not hold exactly this model's params .*lm_head"):
+        load_model(workdir, ["model.decoder.tie_embeddings=true"])
+
+
+def test_prompt_plus_new_tokens_beyond_the_position_table_is_refused(tiny_config):
+    config = tiny_config("model.decoder.max_position_embeddings=64").model
+    params = init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="40 tokens \\+ max_new_tokens=30 goes beyond .*max_position_embeddings=64"):
+        generate_tokens(config, params, [np.ones(40, np.int32)], None, None, 30, 2, 0)
 
 
 def test_generate_cli_prints_the_greedy_answer_of_the_checkpoint(tiny_run, tmp_path, capsys):

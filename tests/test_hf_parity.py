@@ -16,8 +16,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import (CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig)
 
-from llava_jax.convert import load_converted
 from llava_jax.hf import load_hf_llava, load_hf_towers, model_config_from_hf, save_hf_llava, unstack_layers
+from llava_jax.model_params import load_model
 from llava_jax.models.llava import LlavaModel, init_params
 
 TOLERANCE = 1e-4
@@ -449,7 +449,7 @@ def test_convert_cli_round_trip(clip_llama, tmp_path):
     _, directory = clip_llama
     convert_cli("hf-to-jax", "--hf", directory, "--out", tmp_path / "jax", "--set", "model.scan_layers=false",
                 "train.steps=7")
-    config, params = load_converted(tmp_path / "jax")
+    config, params = load_model(tmp_path / "jax")
     assert (config.model.scan_layers, config.train.steps) == (False, 7)
     assert_same_params(params, unstack_layers(load_hf_llava(directory)[1]))
 

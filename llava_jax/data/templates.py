@@ -198,8 +198,8 @@ def encode(conversation: Conversation, tokenizer, tokens_per_image: int) -> tupl
     saw). mask[t] = 1 when token t covers a character of an answer or of the token closing it (an answer's first
     token may also hold the space before it, "▁A"); tokens the tokenizer adds itself (BOS) cover no character and get
     0. An answer's span starts where its generation prompt ends (`prompt`), so whatever the prompt leaves out
-    (a space before the answer, "▁" before a digit) is learned too. mask[t] = 1 means input_ids[t] is a target: the loss on the logits at t-1 predicting it. Then each image
-    token becomes tokens_per_image copies (mask 0).
+    (a space before the answer, "▁" before a digit) is learned too. mask[t] = 1 means input_ids[t] is a target:
+    the loss on the logits at t-1 predicting it. Then each image token becomes tokens_per_image copies (mask 0).
     """
     encoding = tokenizer.encode(conversation.text, conversation.add_special_tokens)
     ids = np.asarray(encoding.ids, np.int32)

@@ -6,7 +6,8 @@ Public surface: `make_tokenizer(data_config, model_config)` -> a tokenizer with 
 their ids; `add_special_tokens` lets the tokenizer add its own BOS/EOS), `decode(ids, skip_special_tokens=True)`,
 `pieces(ids)` (token strings), `token_id(token)`, `special_ids` / `special_tokens`, `bos_id` / `eos_id` /
 `pad_id`, the texts `bos_token` / `eos_token`, `image_token_id`, `vocab_size` (ids it can produce, "<image>"
-included), `chat_template` and `render_chat(messages, add_generation_prompt)` (raises `ChatTemplateError`).
+included), `chat_template` and `render_chat(messages, add_generation_prompt)` (raises `ChatTemplateError`);
+`llava_tokenizer(source)` (the tokenizer files `python -m llava_jax.convert` writes).
 A bare *.model has LlamaTokenizer semantics (legacy=false, add_bos_token=true); a directory follows its own
 tokenizer_config.json. "<image>" is added as a special token when the tokenizer lacks it; its id must be
 `model.image_token_id` and differ from the pad id.
@@ -106,15 +107,20 @@ def _load_hf(path: str):
                          f"sentencepiece model ({type(error).__name__}: {error})") from None
 
 
+def _with_image_token(tokenizer):
+    """Adds "<image>" as a special token (the next free id) unless the tokenizer has it."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
 class HuggingFaceTokenizer:
     """A transformers tokenizer (fast, with offsets). bos/eos/pad: data.*_token if set, else the tokenizer's own,
     else the usual names; no pad token means eos pads (padding is never attended to nor trained on)."""
 
     def __init__(self, path: str, data_config):
         self.description = path
-        self._tokenizer = _load_hf(path)
-        if self._lookup(IMAGE_TOKEN) is None:
-            self._tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        self._tokenizer = _with_image_token(_load_hf(path))
         self.image_token_id = self._lookup(IMAGE_TOKEN)
         self.vocab_size = len(self._tokenizer)
         self.bos_token = self._special(data_config.bos_token, self._tokenizer.bos_token, BOS_CANDIDATES,
@@ -182,6 +188,16 @@ class HuggingFaceTokenizer:
         except TemplateError as error:
             raise ChatTemplateError(f"the chat template of {self.description} refuses the conversation: "
                                     f"{error}") from None
+
+
+def llava_tokenizer(source: str):
+    """The transformers tokenizer at `source` (directory, tokenizer.json or bare sentencepiece model) with "<image>"
+    added, then "<pad>" when it has no pad token: llava-1.5-7b-hf's layout (<image> 32000, <pad> 32001 after
+    LLaMA's 32000). `python -m llava_jax.convert` saves it (save_pretrained) next to the model it writes."""
+    tokenizer = _with_image_token(_load_hf(source))
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
 
 
 def _check(tokenizer, model_config, data_config) -> None:

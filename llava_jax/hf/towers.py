@@ -34,15 +34,16 @@ def init_projector(config: ModelConfig, rng: jax.Array) -> dict:
     return jax.tree.map(np.asarray, params)
 
 
-def _vocabulary(language_dir: Path, original: int, vocab_size: Optional[int],
-                image_token_id: Optional[int]) -> tuple[int, int]:
+def _vocabulary(language_dir: Path, original: int, vocab_size: Optional[int], image_token_id: Optional[int],
+                min_vocab_size: int) -> tuple[int, int]:
     """(vocab_size, image_token_id) of the LLaVA built on a language model with `original` tokens; see
     `load_hf_towers` for the rules. Errors name the argument."""
     if vocab_size is None:
-        vocab_size = -(-(original + _NEW_TOKENS) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
-    elif vocab_size < original:
+        vocab_size = -(-max(original + _NEW_TOKENS, min_vocab_size) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    elif vocab_size < max(original, min_vocab_size):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the vocabulary of the language model in "
-                         f"{language_dir} ({original} tokens); the vocabulary can only grow")
+                         f"{language_dir} ({original} tokens) or the tokenizer's {min_vocab_size} ids; the "
+                         "vocabulary can only grow")
     if image_token_id is None:
         if vocab_size == original:
             raise ValueError(f"image_token_id: not given, and vocab_size={vocab_size} adds no token to the "
@@ -71,21 +72,22 @@ def _grow_vocabulary(flat: dict[str, np.ndarray], vocab_size: int) -> None:
 def load_hf_towers(vision_dir, language_dir, projector: str = "mlp2x_gelu", image_token_id: Optional[int] = None,
                    vocab_size: Optional[int] = None, vision_feature_layer: int = -2,
                    vision_feature_select_strategy: str = "default", rng: Optional[jax.Array] = None,
-                   pixel_shuffle: bool = False) -> tuple[ModelConfig, dict]:
+                   pixel_shuffle: bool = False, min_vocab_size: int = 0) -> tuple[ModelConfig, dict]:
     """A fresh LLaVA from a CLIPVisionModel / SiglipVisionModel (or full CLIP / SigLIP) directory and a
     LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory; the projector is initialised from `rng`.
 
     The language model's vocabulary of V tokens grows to `vocab_size` (default: V + 2 rounded up to a multiple
-    of 64, room for an image and a pad token, as in llava-1.5-7b-hf: 32000 -> 32064; an explicit value must be
-    >= V). New embedding rows (and untied lm_head columns) are the mean of the existing ones. `image_token_id`
-    defaults to V, the first new token; an explicit one must lie in [0, vocab_size).
+    of 64, room for an image and a pad token, as in llava-1.5-7b-hf: 32000 -> 32064; at least `min_vocab_size`,
+    the ids of the tokenizer that goes with it; an explicit value must be >= both). New embedding rows (and untied
+    lm_head columns) are the mean of the existing ones. `image_token_id` defaults to V, the first new token; an
+    explicit one must lie in [0, vocab_size).
     """
     vision_dir, language_dir = Path(vision_dir), Path(language_dir)
     vision_type, vision_values = read_config(vision_dir / "config.json", vision_model_values)
     decoder = read_config(language_dir / "config.json", lambda hf: decoder_values(hf, ""))
     original_vocab_size = decoder["vocab_size"]
     decoder["vocab_size"], image_token_id = _vocabulary(language_dir, original_vocab_size, vocab_size,
-                                                        image_token_id)
+                                                        image_token_id, min_vocab_size)
     config = validated(dict(vision=vision_values, decoder=decoder,
                             projector=dict(type=projector, pixel_shuffle=pixel_shuffle),
                             image_token_id=image_token_id, vision_feature_layer=vision_feature_layer,

@@ -16,8 +16,9 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax.config import Config
+from llava_jax.model_params import abstract_params
 from llava_jax.models.llava import LlavaModel, dummy_inputs
-from llava_jax.sharding import LOGICAL_RULES, shardings_like_params, tree_shardings
+from llava_jax.sharding import LOGICAL_RULES, shardings_like_params
 from llava_jax.train.optimizer import frozen_groups, make_optimizer, split_params
 
 
@@ -64,11 +65,7 @@ def _init_fn(model: LlavaModel, tx: optax.GradientTransformation, frozen: tuple[
 def make_train_setup(config: Config, mesh: Mesh) -> TrainSetup:
     frozen = frozen_groups(config.train)
     model = LlavaModel(config.model, freeze_vision="vision_tower" in frozen)
-    with nn.logical_axis_rules(LOGICAL_RULES):
-        boxed_params = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(config.model))["params"],
-                                      jax.random.PRNGKey(0))
-    param_shardings = tree_shardings(boxed_params, mesh)
-    params = nn.meta.unbox(boxed_params)
+    params, param_shardings = abstract_params(model, mesh)
     trainable = split_params(params, frozen)[0]
     tx = make_optimizer(config.train, trainable)
     opt_state = jax.eval_shape(tx.init, trainable)
