@@ -22,6 +22,7 @@ The formats, as text ({a} an answer; the tokenizer adds its own BOS where it has
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -116,7 +117,7 @@ class TokenizerChatTemplate:
             if message["role"] != "assistant":
                 continue
             prefix = tokenizer.render_chat(messages[:k], add_generation_prompt=True)
-            common = _common_prefix(prefix, text)
+            common = len(os.path.commonprefix([prefix, text]))
             found = _find_answer(text, message["content"], max(cursor, common), tokenizer)
             close_end = _close_end(text, found + len(message["content"].strip()), tokenizer)
             spans.append((len(prefix) if common == len(prefix) else found, close_end))   # from where `prompt` ends
@@ -133,15 +134,6 @@ class TokenizerChatTemplate:
         start, end = conversation.answer_spans[0]
         answer = next(text for role, text in _PROBE if role == "assistant")
         return conversation.text[start + len(answer):end].strip()
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _find_answer(text: str, answer: str, cursor: int, tokenizer) -> int:
