@@ -49,7 +49,8 @@ def random_batch(config: Config, batch_spec: dict, seed: int = 0) -> dict[str, n
     values = {"input_ids": input_ids, "loss_mask": loss_mask, "segment_ids": np.ones((batch_size, length)),
               "positions": np.tile(np.arange(length), (batch_size, 1)),
               "pixel_values": rng.integers(0, 256, batch_spec["pixel_values"].shape),
-              "image_mask": np.ones(batch_spec["image_mask"].shape)}
+              "image_mask": np.ones(batch_spec["image_mask"].shape), "num_samples": np.ones(batch_size),
+              "bad_samples": np.zeros(batch_spec["bad_samples"].shape)}
     return {key: values[key].astype(spec.dtype) for key, spec in batch_spec.items()}
 
 

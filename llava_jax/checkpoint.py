@@ -235,13 +235,15 @@ def _resume_report(restored: Restored, config: Config) -> list[str]:
     return lines
 
 
-def restore_or_init(setup: TrainSetup, data_iterator: Any, checkpointer: RunCheckpointer
-                    ) -> tuple[TrainState, list[str]]:
+def restore_or_init(setup: TrainSetup, data_iterator: Any, checkpointer: RunCheckpointer,
+                    run_config: Optional[Config] = None) -> tuple[TrainState, list[str]]:
     """The state to start from: the newest usable checkpoint in `checkpointer`, else in checkpoint.load_dir, else
-    a fresh state (params from train.init_from when set). Also returns lines for the log."""
+    a fresh state (params from train.init_from when set). Also returns lines for the log. `run_config` (default
+    setup.config) is what checkpoints were saved with and are compared against (the config as the user wrote it,
+    `auto` values unresolved, so a run moves between backends)."""
     config = setup.config
     for source in _resume_sources(checkpointer, config.checkpoint):
-        restored = source.restore(setup.abstract_state, data_iterator, config)
+        restored = source.restore(setup.abstract_state, data_iterator, run_config or config)
         if restored:
             return restored.state, _resume_report(restored, config)
     state = setup.init_state(config.train.seed)

@@ -12,7 +12,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -84,7 +84,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
-    attention: Literal["xla", "cudnn", "splash"] = "xla"   # kernel; see llava_jax/models/attention.py
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"   # kernel: models/attention.py; auto: runtime.py
 
     @property
     def vision_layers_used(self) -> int:
@@ -140,7 +140,7 @@ class DataConfig:
     image_placement: Literal["keep", "front"] = "keep"   # front: "<image>\n" + text, as LLaVA-1.5 preprocesses
     max_length: int = 2048
     max_images: int = 1
-    pack: bool = False
+    pack: Union[bool, Literal["auto"]] = False     # auto: pack when the attention kernel takes segments
     image_aspect: Literal["pad", "resize", "center_crop"] = "pad"
     image_mean: Optional[tuple[float, float, float]] = None
     image_std: Optional[tuple[float, float, float]] = None
@@ -438,7 +438,7 @@ def _validate_attention(c: Config) -> None:
     head_dims = {"model.decoder.head_dim": m.decoder.head_dim,
                  "model.vision.hidden_size / num_heads": m.vision.hidden_size // m.vision.num_heads}
     if m.attention == "cudnn":
-        _require(not c.data.pack, "model.attention",
+        _require(c.data.pack is not True, "model.attention",
                  "cudnn receives padding as per-row lengths and cannot mask packed segments (data.pack=true); "
                  "set data.pack=false or use model.attention=xla or splash")
         _require(m.dtype != "float32", "model.attention",

@@ -1,6 +1,8 @@
 """Shared test helpers: the tiny model overrides and random but valid host batches (no data pipeline)."""
 import numpy as np
 
+from llava_jax.data.bad_samples import REASONS
+
 TINY_MODEL = [
     "model.vision.image_size=28", "model.vision.patch_size=7", "model.vision.hidden_size=32",
     "model.vision.num_layers=3", "model.vision.num_heads=4", "model.vision.mlp_dim=64",
@@ -24,5 +26,6 @@ def random_batch(config, seed: int, batch_size: int | None = None) -> dict[str, 
         "input_ids": input_ids, "loss_mask": loss_mask,
         "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
         "pixel_values": rng.randint(0, 256, (b, 1, v.image_size, v.image_size, v.num_channels)).astype(np.uint8),
-        "image_mask": np.ones((b, 1), np.int32),
+        "image_mask": np.ones((b, 1), np.int32), "num_samples": np.ones(b, np.int32),
+        "bad_samples": np.zeros((b, len(REASONS)), np.int32),
     }

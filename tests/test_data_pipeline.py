@@ -28,13 +28,14 @@ def test_batches_have_the_documented_layout(tiny_config):
     shapes = {k: (v.shape, v.dtype.name) for k, v in batch.items() if not k.startswith("_")}
     assert shapes == {"input_ids": ((4, 64), "int32"), "loss_mask": ((4, 64), "float32"),
                       "segment_ids": ((4, 64), "int32"), "positions": ((4, 64), "int32"),
-                      "pixel_values": ((4, 1, 28, 28, 3), "uint8"), "image_mask": ((4, 1), "int32")}
+                      "pixel_values": ((4, 1, 28, 28, 3), "uint8"), "image_mask": ((4, 1), "int32"),
+                      "num_samples": ((4,), "int32"), "bad_samples": ((4, 7), "int32")}
     assert image_token_counts(batch, 299).tolist() == (batch["image_mask"].sum(1) * 16).tolist()
     real = batch["segment_ids"] > 0
     assert (batch["input_ids"][~real] == 256).all() and (batch["loss_mask"][~real] == 0).all()
     assert (batch["positions"][real] == np.nonzero(real)[1]).all()
     assert (batch["loss_mask"][:, 0] == 0).all() and (batch["loss_mask"].sum(1) >= 2).all()
-    assert batch["_num_samples"].tolist() == [1] * 4 and [json.loads(b) for b in batch["_bad"]] == [[]] * 4
+    assert batch["num_samples"].tolist() == [1] * 4 and [json.loads(b) for b in batch["_bad"]] == [[]] * 4
 
 
 def test_same_seed_gives_identical_batches_and_another_seed_does_not(tiny_config):
@@ -103,7 +104,7 @@ def test_epochs_repeat_with_a_new_shuffle(tiny_config):
 def test_packed_rows_hold_several_samples_and_respect_max_images(tiny_config):
     config = tiny_config(*SYNTHETIC, "data.pack=true", "data.max_length=128", "data.max_images=2")
     for batch in take(make_train_iterator(config), 3):
-        assert (batch["_num_samples"] == 2).all()                   # ~55-token samples, 2 images per row at most
+        assert (batch["num_samples"] == 2).all()                   # ~55-token samples, 2 images per row at most
         assert image_token_counts(batch, 299).tolist() == (batch["image_mask"].sum(1) * 16).tolist()
         starts = batch["positions"] == 0
         assert (batch["loss_mask"][starts] == 0).all()

@@ -5,7 +5,7 @@ import grain
 import numpy as np
 import pytest
 
-from llava_jax.data.bad_samples import BadSample
+from llava_jax.data.bad_samples import REASONS, BadSample
 from llava_jax.data.sequences import fit_length, pack_rows, pad_row
 
 IMAGE, PAD = 99, 0
@@ -53,7 +53,7 @@ def test_pad_row_layout():
     assert row["positions"].tolist() == [0, 1, 2, 3, 4, 0, 0, 0]
     assert row["loss_mask"].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
     assert row["image_mask"].tolist() == [1, 0] and row["pixel_values"][:, 0, 0, 0].tolist() == [30, 0]
-    assert json.loads(row["_ids"]) == ["s3"] and row["_num_samples"] == 1
+    assert json.loads(row["_ids"]) == ["s3"] and row["num_samples"] == 1
 
 
 def packed(samples, max_length, max_images, num_rows=2):
@@ -64,7 +64,7 @@ def packed(samples, max_length, max_images, num_rows=2):
 def test_packing_segments_positions_and_loss_masks_at_boundaries():
     rows = packed([make_sample(0, 4, 1), make_sample(1, 3, 0), make_sample(2, 5, 1)], max_length=8, max_images=2)
     first = rows[0]                                                  # s0 (4 tokens) + s1 (3 tokens)
-    assert json.loads(first["_ids"]) == ["s0", "s1"] and first["_num_samples"] == 2
+    assert json.loads(first["_ids"]) == ["s0", "s1"] and first["num_samples"] == 2
     assert first["segment_ids"].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
     assert first["positions"].tolist() == [0, 1, 2, 3, 0, 1, 2, 0]
     assert first["loss_mask"].tolist() == [0, 0, 1, 1, 0, 1, 1, 0]  # segment starts are never targets
@@ -90,3 +90,4 @@ def test_packing_reports_bad_samples_of_every_segment():
     samples[1]["_bad"] = json.dumps([{"id": "x", "reason": "too_long", "where": "f", "detail": "d"}])
     (row,) = packed(samples, max_length=8, max_images=0, num_rows=1)
     assert [entry["id"] for entry in json.loads(row["_bad"])] == ["x"]
+    assert dict(zip(REASONS, row["bad_samples"].tolist())) == {reason: int(reason == "too_long") for reason in REASONS}

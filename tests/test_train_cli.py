@@ -1,17 +1,19 @@
 """`python train.py` end to end: loss falls and metrics are written; errors name the key; Megatron flags map onto
-config keys; 2 processes x 4 devices train exactly like 1 process x 8 devices."""
+config keys; 2 processes x 4 devices train exactly like 1 process x 8 devices and stop together on bad data."""
 import json
 import os
 import socket
 
 import numpy as np
 import pytest
+from data_helpers import image_dataset
 
+from llava_jax.cli import megatron_overrides
+from llava_jax.config import load_config
+from llava_jax.data.pipeline import EpochShuffle
 from tests.helpers import TINY_MODEL
 from tests.run_helpers import TrainProcess
 from train import main as train_main, parse_args
-from llava_jax.cli import megatron_overrides
-from llava_jax.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,8 @@ RUN = TINY_MODEL + ["data.source=synthetic", "data.synthetic_size=200", "data.nu
                     "train.learning_rate=3e-3", "train.warmup_steps=2", "train.stage=full", "train.log_every=1",
                     "checkpoint.every_steps=1000"]
 METRIC_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_s",
-               "compile_time_s", "flops_per_s"}
+               "compile_time_s", "flops_per_s", "real_tokens_per_s", "real_flops_per_s", "real_tokens", "samples",
+               "bad_steps"}
 
 
 def read_metrics(workdir):
@@ -99,3 +102,24 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     multi_losses = [r["loss"] for r in read_metrics(multi)]
     assert len(multi_losses) == 3
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+
+
+def test_bad_data_read_by_one_process_stops_both_at_the_same_step(tmp_path):
+    """Only process 0 ever reads a bad record (its share of the shuffled stream has no images); the global counts
+    the train step sums make both processes stop together, instead of one stopping while the other waits in the
+    next step's collective."""
+    num_records = 32
+    path = image_dataset(tmp_path, num_records)
+    order = EpochShuffle(num_records, seed=0, stream=0).permutation(0)
+    for position in range(0, num_records, 2):                          # process 0 reads positions 0, 2, 4, ...
+        os.remove(tmp_path / f"img{order[position]}.png")
+    port = free_port()
+    settings = ["data.source=llava_json", f"data.json_path={path}", "data.bad_fraction_min_samples=16",
+                "data.max_bad_fraction=0.25", "train.steps=8", "mesh.data=2", "mesh.fsdp=4"]
+    processes = [TrainProcess("configs/demo.yaml", str(tmp_path / "run"), *RUN, *settings, env={
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAX_INIT_TIMEOUT_S": "120"}) for i in range(2)]
+    outputs = [p.wait(expected_status=1) for p in processes]
+    for output in outputs:
+        assert "BadDataError: 8 of 16 samples were bad (50.00% > data.max_bad_fraction=25.00%)" in output
+    assert "missing_image" in outputs[0].split("First bad samples:")[1]

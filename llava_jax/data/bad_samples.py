@@ -1,9 +1,11 @@
 """Bad input: what counts as a bad sample, how it is replaced, and how the training loop counts it.
 
 Public surface: `REASONS`, `BadSample` (raised while reading one record), `BadDataError` (stops the run),
-`load_with_replacement(load, index, size, describe, policy)`, `bad_sample_error` and `BadSampleMonitor(config)` with
-`update(batch)`, `counts()`, `total_seen`. Bad samples travel as host-only batch metadata ("_bad", "_num_samples"),
-so the counts are right with worker processes too.
+`load_with_replacement(load, index, size, describe, policy)`, `bad_sample_error`, `bad_sample_vector(bad_json)` and
+`BadSampleMonitor(config)` with `add(samples, counts)`, `note_examples(batch)`, `update(batch)`, `counts()`,
+`total_seen`. Bad samples travel in the batch: each row's counts by reason ("bad_samples", "num_samples"; the train
+step sums them over the GLOBAL batch, so with several processes every one of them sees the same counts and takes
+the same decision at the same step) and, host-only, the details for error messages ("_bad" JSON).
 """
 from __future__ import annotations
 
@@ -69,11 +71,19 @@ def load_with_replacement(load: Callable[[int], dict], index: int, size: int, de
                        f"{reported[0]['detail']}")
 
 
-class BadSampleMonitor:
-    """Counts bad samples from batch metadata; raises BadDataError once their fraction is too high.
+def bad_sample_vector(bad_json: str) -> np.ndarray:
+    """A row's "_bad" JSON list -> int32 [len(REASONS)] counts by reason."""
+    counts = collections.Counter(entry["reason"] for entry in json.loads(bad_json))
+    return np.array([counts[reason] for reason in REASONS], np.int32)
 
-    The fraction is checked when at least `data.bad_fraction_min_samples` samples were seen, so a single bad
-    record in the first batch does not stop a run.
+
+class BadSampleMonitor:
+    """Counts bad samples; raises BadDataError once their fraction is too high.
+
+    The training loop `add`s the global counts the train step summed (identical on every process); `update(batch)`
+    counts one host batch alone. The fraction is checked when at least `data.bad_fraction_min_samples` samples were
+    seen, so a single bad record in the first batch does not stop a run. The error lists the first bad samples
+    this process read (`note_examples`).
     """
 
     def __init__(self, config):
@@ -83,13 +93,24 @@ class BadSampleMonitor:
         self._counts: collections.Counter = collections.Counter()
         self._examples: list[dict[str, str]] = []
 
-    def update(self, batch: dict[str, Any]) -> None:
-        self.total_seen += int(np.sum(batch["_num_samples"]))
+    def note_examples(self, batch: dict[str, Any]) -> None:
+        """Keeps the details of the first bad samples of this process's host batch, for the error message."""
         for row in np.asarray(batch["_bad"]).reshape(-1):
             for entry in json.loads(str(row)):
-                self._counts[entry["reason"]] += 1
                 if len(self._examples) < _EXAMPLES_IN_ERROR:
                     self._examples.append(entry)
+
+    def update(self, batch: dict[str, Any]) -> None:
+        """Counts one host batch on its own (one process)."""
+        self.note_examples(batch)
+        counts = np.asarray(batch["bad_samples"]).reshape(-1, len(REASONS)).sum(axis=0)
+        self.add(int(np.sum(batch["num_samples"])), dict(zip(REASONS, counts.tolist())))
+
+    def add(self, samples: int, counts: dict[str, int]) -> None:
+        """Adds `samples` drawn samples and the bad ones among them by reason; raises BadDataError above
+        data.max_bad_fraction."""
+        self.total_seen += samples
+        self._counts.update({reason: int(count) for reason, count in counts.items() if count})
         bad = sum(self._counts.values())
         if self.total_seen >= self.min_samples and bad > self.max_fraction * self.total_seen:
             listing = "\n".join(f"  {e['where']} (id {e['id']}): {e['reason']}: {e['detail']}"

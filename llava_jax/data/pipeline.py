@@ -19,6 +19,7 @@ from llava_jax.data.examples import ExampleEncoder
 from llava_jax.data.sequences import pack_rows, pad_row
 from llava_jax.data.sources import eval_sources, train_sources
 from llava_jax.data.tokenizers import make_tokenizer
+from llava_jax.runtime import packs
 
 
 class SampleLoader:
@@ -94,8 +95,9 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1) 
     """Batches of batch_size // process_count rows for this process: input_ids int32, loss_mask float32,
     segment_ids int32, positions int32 [b, T]; pixel_values uint8 [b, I, S, S, 3] (raw RGB, 0 in slots without
     an image; the train step normalises them on device with `images.normalize_pixels`, which keeps the host
-    cheap and sends 4x fewer bytes); image_mask int32 [b, I] (1 = the slot holds an image); host-only "_ids",
-    "_bad" (JSON text) and "_num_samples" [b]. Each process reads a disjoint share (every process_count-th sample
+    cheap and sends 4x fewer bytes); image_mask int32 [b, I] (1 = the slot holds an image); num_samples int32 [b]
+    and bad_samples int32 [b, len(REASONS)]; host-only "_ids" and "_bad" (JSON text). Rows are packed when
+    `runtime.packs(config)` (data.pack, or auto). Each process reads a disjoint share (every process_count-th sample
     of the global stream). Same config and seed => same batches; get_state()/set_state() (and grain.checkpoint)
     resume exactly."""
     data = config.data
@@ -103,12 +105,13 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1) 
     tokenizer = make_tokenizer(data, config.model)
     encoder = ExampleEncoder(config, tokenizer)
     samples = _sample_dataset(config, encoder)[process_index::process_count]
-    if not data.pack:
+    pack = packs(config)
+    if not pack:
         samples = samples.map(RowPadder(data.max_length, data.max_images, tokenizer.pad_id))
     read_options = grain.ReadOptions(num_threads=data.num_threads,
                                      prefetch_buffer_size=max(data.num_threads, data.prefetch * batch_size))
     rows = samples.to_iter_dataset(read_options)
-    if data.pack:
+    if pack:
         rows = pack_rows(rows, data.max_length, data.max_images, tokenizer.pad_id, batch_size)
     batches = rows.batch(batch_size, drop_remainder=True)
     if data.num_workers > 0:

@@ -4,7 +4,9 @@ Public surface: `fit_length(ids, mask, max_length, image_token_id, example_id)`,
 sample per row) and `pack_rows(dataset, ...)` (greedy first-fit of several samples per row, Grain, resumable).
 Both produce the same row: input_ids, loss_mask, segment_ids (1..k, 0 = padding), positions (from 0 per
 segment) [T]; uint8 pixel_values [I, S, S, 3] (normalised on device by the train step), image_mask [I] (the
-row's images in token order, zeros after); and the host-only "_ids" / "_bad" (JSON lists) and "_num_samples".
+row's images in token order, zeros after); num_samples (samples in the row) and bad_samples [len(REASONS)] (bad
+records the row's samples replaced, by reason: summed over the global batch by the train step, so every process
+sees the same counts); and the host-only "_ids" / "_bad" (JSON lists, for error messages).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from llava_jax.data.bad_samples import BadSample
+from llava_jax.data.bad_samples import BadSample, bad_sample_vector
 
 def fit_length(ids: np.ndarray, mask: np.ndarray, max_length: int, image_token_id: int, example_id: str
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +51,7 @@ def pad_row(sample: dict[str, Any], max_length: int, max_images: int, pad_id: in
     image_mask[:num_images] = 1
     return {"input_ids": input_ids, "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions,
             "pixel_values": pixel_values, "image_mask": image_mask, "_ids": json.dumps([sample["_id"]]),
-            "_bad": sample["_bad"], "_num_samples": np.int32(1)}
+            "_bad": sample["_bad"], "num_samples": np.int32(1), "bad_samples": bad_sample_vector(sample["_bad"])}
 
 
 def _packed_to_row(packed: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +60,7 @@ def _packed_to_row(packed: dict[str, Any]) -> dict[str, Any]:
             "segment_ids": packed["input_ids_segment_ids"], "positions": packed["input_ids_positions"],
             "pixel_values": packed["pixel_values"], "image_mask": packed["image_mask"],
             "_ids": json.dumps(list(packed["_id"])), "_bad": json.dumps(bad),
-            "_num_samples": np.int32(len(packed["_id"]))}
+            "num_samples": np.int32(len(packed["_id"])), "bad_samples": bad_sample_vector(json.dumps(bad))}
 
 
 def pack_rows(dataset: grain.IterDataset, max_length: int, max_images: int, pad_id: int, num_rows: int

@@ -14,6 +14,8 @@ segment without padding (the vision tower). How each kernel receives the rule:
   splash  TPU Pallas splash attention: a causal (or full) block mask plus `SegmentIds`, vmapped over the batch and
           shard_map-ped over the mesh's batch and head axes; lengths are padded up to a multiple of SPLASH_BLOCK.
           On CPU it runs in the Pallas interpreter (tests); on GPU it fails to lower.
+  auto    `runtime.choose_kernel` for the backend (splash on TPU, cudnn on GPU, xla elsewhere); the train loop
+          resolves it up front (knowing whether rows are packed), other callers here, for unpacked rows.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from llava_jax.config import SPLASH_BLOCK
 from llava_jax.models.cpu_layout import swap_last_two
+from llava_jax.runtime import choose_kernel
 
 KERNELS = ("xla", "cudnn", "splash")
 # Causal xla self-attention cuts its queries into up to CAUSAL_BLOCKS blocks of at least CAUSAL_BLOCK_ROWS rows.
@@ -46,6 +49,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, query_segment_ids: Op
     Positions [B, T] / [B, S] make causality compare positions instead of sequence indices (KV-cache decoding,
     where queries and cache slots are not aligned); only the xla kernel takes them.
     """
+    if kernel == "auto":          # not resolved by the caller (the train loop resolves it, knowing the packing)
+        positions = query_positions is not None or key_positions is not None
+        kernel = "xla" if positions else choose_kernel(jax.default_backend(), q.dtype.name, (q.shape[-1],),
+                                                       packed=False)[0]
     if kernel == "xla":
         mask = make_attention_mask(query_segment_ids, key_segment_ids, causal, query_positions, key_positions,
                                    lengths=(q.shape[1], k.shape[1]))

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax.config import Config, ConfigError
+from llava_jax.data.bad_samples import REASONS
 from llava_jax.data.images import image_stats, normalize_pixels
 from llava_jax.models.llava import LlavaModel, head_params
 from llava_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding
@@ -28,14 +29,25 @@ from llava_jax.train.state import TrainSetup, TrainState
 
 # Device-side batch: input_ids / loss_mask / segment_ids / positions [B, T], pixel_values uint8 [B, I, H, W, 3]
 # (raw RGB; normalised inside the step with data.images.normalize_pixels, zero where image_mask is 0),
-# image_mask [B, I]. loss_mask[b, t] = 1 iff input_ids[b, t] is a supervised target (predicted at t - 1).
-BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_mask")
+# image_mask [B, I], num_samples [B] and bad_samples [B, len(REASONS)] (only summed into the metrics).
+# loss_mask[b, t] = 1 iff input_ids[b, t] is a supervised target (predicted at t - 1).
+BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_mask", "num_samples",
+              "bad_samples")
 
 
 def _image_token_mismatches(batch: dict, image_token_id: int, tokens_per_image: int) -> jax.Array:
     found = jnp.sum(batch["input_ids"] == image_token_id, axis=1)
     expected = jnp.sum(batch["image_mask"], axis=1) * tokens_per_image
     return jnp.sum(found != expected)
+
+
+def _batch_counts(batch: dict) -> dict[str, jax.Array]:
+    """Counts over the GLOBAL batch, so every process reads the same numbers: real (non-padding) tokens and
+    images, samples drawn and the bad records they replaced, by reason."""
+    bad = jnp.sum(batch["bad_samples"], axis=0)
+    return {"real_tokens": jnp.sum(batch["segment_ids"] != 0), "real_images": jnp.sum(batch["image_mask"]),
+            "samples": jnp.sum(batch["num_samples"]),
+            **{f"bad_samples/{reason}": bad[k] for k, reason in enumerate(REASONS)}}
 
 
 def _split_micro_batches(batch: dict, num_micro: int, mesh: Mesh) -> dict:
@@ -104,6 +116,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
             "supervised_tokens": count, "finite": finite.astype(jnp.float32),
             "image_token_mismatches": _image_token_mismatches(batch, config.model.image_token_id,
                                                               config.model.tokens_per_image).astype(jnp.float32),
+            "bad_steps": new_state.bad_steps, **_batch_counts(batch),
         }
         return new_state, metrics
 
@@ -119,6 +132,7 @@ def abstract_batch(config: Config, mesh: Mesh, batch_size: int | None = None) ->
         "input_ids": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.float32), "segment_ids": ((b, t), jnp.int32),
         "positions": ((b, t), jnp.int32), "image_mask": ((b, i), jnp.int32),
         "pixel_values": ((b, i, v.image_size, v.image_size, v.num_channels), jnp.uint8),
+        "num_samples": ((b,), jnp.int32), "bad_samples": ((b, len(REASONS)), jnp.int32),
     }
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
