@@ -165,6 +165,7 @@ class TrainConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip_norm: float = 1.0   # global-norm clipping threshold (0 = no clipping, Megatron's --clip-grad 0)
+    optimizer_state_dtype: Literal["float32", "bfloat16"] = "float32"   # Adam moments' storage (train/adamw.py)
     projector_learning_rate: Optional[float] = None
     vision_learning_rate: Optional[float] = None
     language_learning_rate: Optional[float] = None
@@ -466,6 +467,8 @@ def _validate_train(c: Config) -> None:
     _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
     _require(0.0 <= t.min_learning_rate_ratio <= 1.0, "train.min_learning_rate_ratio", "must be in [0, 1]")
+    _require(t.optimizer_state_dtype in ("float32", "bfloat16"), "train.optimizer_state_dtype",
+             f"{t.optimizer_state_dtype!r} is not float32 or bfloat16")
 
 
 def _validate_data(c: Config) -> None:

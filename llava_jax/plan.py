@@ -2,19 +2,28 @@
 materialised, no data or tokenizer is read) and reports what one device has to hold.
 
     python -m llava_jax.plan --config PATH [--set KEY=VALUE ...] [--devices N] [--device-memory-gib G] [--search]
+                             [--explain N]
 
 Prints one JSON object: per-device bytes from XLA's memory analysis (arguments, outputs, aliased, temporaries and
 peak = arguments + outputs - aliased + temporaries), parameter and optimizer-state bytes per device (abstract state
-x shardings), FLOPs per step (ours from `train_step_flops`, and XLA's cost analysis, which counts a loop body
-once, so the scans over layers and micro-batches are under-counted there), the mesh, and `fits` (peak <= G GiB).
-`--search` compiles other layouts and adds the largest micro-batch (`train.micro_batch_size`: rows per
-data-parallel replica, i.e. per device when mesh.tensor=1) and, at that size, the cheapest remat policy that fit.
+x shardings), the floor beside the peak (`floor_bytes`, `floor_gib`, `floor_parts`: params + gradients + optimizer
+state + the layer inputs full remat keeps, see `llava_jax.plan_floor`) and `peak_over_floor`, FLOPs per step (ours
+from `train_step_flops`, and XLA's cost analysis, which counts a loop body once, so the scans over layers and
+micro-batches are under-counted there), the mesh, and `fits` (peak <= G GiB). `--search` compiles other layouts
+and adds the largest micro-batch (`train.micro_batch_size`: rows per data-parallel replica, i.e. per device when
+mesh.tensor=1) and, at that size, the cheapest remat policy that fit. `--explain N` lists the N largest buffers
+live at the peak, with the JAX op that made each (`llava_jax.plan_explain`).
 
 The devices are fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N must be set before jax is
-first imported, so this module imports jax lazily). A CPU compilation is a proxy for an accelerator's: it keeps
-some bfloat16 buffers as float32, so its figures tend to err on the high side.
+first imported, so this module imports jax lazily), but the step is traced as an accelerator runs it: inside
+`cpu_layout.accelerator_layout()`, so none of the CPU-only operand layouts (optimization barriers, the Dense
+gradient's custom VJP) is in the plan. model.attention=auto still resolves to the xla kernel here (the CPU's), which
+keeps [heads, T, T] float32 scores where splash / cuDNN keep none. XLA:CPU also computes bfloat16 matmuls in
+float32 (its float normalization converts their operands and results, and whole layer stacks around them), so the
+figures err on the high side of an accelerator's.
 
-Public surface: `plan_step(config, devices, device_memory_bytes) -> dict`,
+Public surface: `plan_step(config, devices, device_memory_bytes, explain=0) -> dict`,
+`lower_for_accelerator(setup)`, `compile_for_accelerator(setup, compiler_options=None)`,
 `search_layouts(config, devices, device_memory_bytes) -> dict`, `main(argv)`.
 """
 from __future__ import annotations
@@ -74,24 +83,51 @@ def count_params(tree: Any) -> int:
     return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def plan_step(config: Config, devices: Sequence, device_memory_bytes: float) -> dict:
-    """Compiles the train step of `config` for `devices` (never materialising state) and reports its footprint."""
+def lower_for_accelerator(setup):
+    """The train step of `setup` traced and lowered as an accelerator runs it (see the module doc) against abstract
+    inputs: inside `accelerator_layout()`, so without the CPU-only operand layouts."""
+    import flax.linen as nn
+    import jax
+
+    from llava_jax.models.cpu_layout import accelerator_layout
+    from llava_jax.sharding import LOGICAL_RULES
+    from llava_jax.train.step import abstract_batch, jit_train_step, resolve_batch_layout
+
+    resolve_batch_layout(setup.config, setup.mesh)
+    batch = abstract_batch(setup.config, setup.mesh)
+    with accelerator_layout(), jax.set_mesh(setup.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        return jit_train_step(setup).lower(setup.abstract_state, batch)
+
+
+def compile_for_accelerator(setup, compiler_options: Optional[dict] = None):
+    """`lower_for_accelerator(setup)` compiled; `compiler_options` (XLA debug options, e.g. a dump directory) go to
+    this one compilation."""
+    return lower_for_accelerator(setup).compile(compiler_options=compiler_options)
+
+
+def plan_step(config: Config, devices: Sequence, device_memory_bytes: float, explain: int = 0) -> dict:
+    """Compiles the train step of `config` for `devices` (never materialising state) and reports its footprint;
+    `explain` > 0 compiles once more and adds that many of the largest buffers live at the peak (`plan_explain`)."""
+    from llava_jax.plan_explain import explain_peak
+    from llava_jax.plan_floor import memory_floor
     from llava_jax.sharding import make_mesh, sharding_report
     from llava_jax.train.flops import train_step_flops
     from llava_jax.train.optimizer import split_params
     from llava_jax.train.state import make_train_setup
-    from llava_jax.train.step import compile_train_step
 
     config = copy.deepcopy(config)
     mesh = make_mesh(config.mesh, devices)
     setup = make_train_setup(config, mesh)
     start = time.perf_counter()
-    compiled = compile_train_step(setup)
+    compiled = compile_for_accelerator(setup)
     compile_s = time.perf_counter() - start
     state, shardings = setup.abstract_state, setup.state_shardings
     memory = memory_figures(compiled)
+    floor = memory_floor(setup)
     step_flops = train_step_flops(config, setup.frozen)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    explained = {"peak_buffers": explain_peak(lambda options: compile_for_accelerator(setup, options), explain)
+                 } if explain > 0 else {}
     return {
         "devices": len(devices), "platform": devices[0].platform, "mesh": dict(mesh.shape),
         "batch_size": config.train.batch_size, "grad_accum_steps": config.train.grad_accum_steps,
@@ -101,10 +137,13 @@ def plan_step(config: Config, devices: Sequence, device_memory_bytes: float) -> 
         "trainable_params": count_params(split_params(state.params, setup.frozen)[0]),
         "param_bytes_per_device": sharding_report(state.params, shardings.params)["per_device_bytes"],
         "optimizer_bytes_per_device": sharding_report(state.opt_state, shardings.opt_state)["per_device_bytes"],
+        "optimizer_state_dtype": config.train.optimizer_state_dtype,
         "memory_bytes_per_device": memory, "peak_gib": round(memory["peak"] / GIB, 3),
+        "floor_bytes": floor["bytes"], "floor_gib": round(floor["bytes"] / GIB, 3), "floor_parts": floor["parts"],
+        "peak_over_floor": memory["peak"] / floor["bytes"],
         "device_memory_gib": round(device_memory_bytes / GIB, 3), "fits": memory["peak"] <= device_memory_bytes,
         "flops_per_step": step_flops, "flops_per_step_per_device": step_flops / len(devices),
-        "xla_flops_per_device": xla_flops(compiled), "compile_s": round(compile_s, 2),
+        "xla_flops_per_device": xla_flops(compiled), "compile_s": round(compile_s, 2), **explained,
     }
 
 
@@ -160,6 +199,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device-memory-gib", type=float, default=16.0, help="memory of one device, GiB")
     parser.add_argument("--search", action="store_true",
                         help="also find the largest micro-batch and the cheapest remat policy that fit")
+    parser.add_argument("--explain", type=int, default=0, metavar="N",
+                        help="compile once more and list the N largest buffers live at the peak (peak_buffers)")
     return parser.parse_args(argv)
 
 
@@ -174,7 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         use_fake_cpu_devices(args.devices)
     devices = cpu_devices(args.devices)
     memory_bytes = args.device_memory_gib * GIB
-    report = {"config": args.config, "overrides": args.overrides, **plan_step(config, devices, memory_bytes)}
+    report = {"config": args.config, "overrides": args.overrides,
+              **plan_step(config, devices, memory_bytes, explain=args.explain)}
     if args.search:
         report["search"] = search_layouts(config, devices, memory_bytes)
     print(json.dumps(report))

@@ -1,4 +1,5 @@
-"""The AOT memory planner: per-device parameter / optimizer bytes against a hand count, `fits`, the JSON CLI."""
+"""The AOT memory planner: per-device parameter / optimizer bytes and the floor against a hand count, `fits`, the
+accelerator graph (no CPU-only layouts), the largest buffers at the peak, the JSON CLI."""
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from llava_jax.plan import plan_step
+from llava_jax.plan import lower_for_accelerator, plan_step
 from tests.helpers import TINY_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,11 +44,13 @@ def float32_bytes_per_device(counts: tuple[int, int], fsdp: int) -> int:
 
 @pytest.fixture(scope="module")
 def plans():
-    """Plans on 8 fsdp devices for the projector-only stage and for training everything."""
+    """Plans on 8 fsdp devices for the projector-only stage, for training everything, and for training everything
+    with bfloat16 Adam moments."""
     from llava_jax.config import load_config
-    configs = {stage: load_config(None, TINY_MODEL + FSDP_8 + [f"train.stage={stage}"])
-               for stage in ("pretrain", "full")}
-    return {stage: (config, plan_step(config, jax.devices()[:8], PLENTY)) for stage, config in configs.items()}
+    overrides = {"pretrain": ["train.stage=pretrain"], "full": ["train.stage=full"],
+                 "full_bf16_moments": ["train.stage=full", "train.optimizer_state_dtype=bfloat16"]}
+    configs = {name: load_config(None, TINY_MODEL + FSDP_8 + extra) for name, extra in overrides.items()}
+    return {name: (config, plan_step(config, jax.devices()[:8], PLENTY)) for name, config in configs.items()}
 
 
 @pytest.mark.parametrize("stage, trained", [("pretrain", ["projector"]),
@@ -59,6 +62,64 @@ def test_param_and_optimizer_bytes_match_a_hand_count(plans, stage, trained):
     assert plan["param_bytes_per_device"] == sum(float32_bytes_per_device(c, 8) for c in counts.values())
     trainable_bytes = sum(float32_bytes_per_device(counts[GROUP_OF[name]], 8) for name in trained)
     assert plan["optimizer_bytes_per_device"] == 2 * trainable_bytes + 4   # Adam mu + nu, one int32 step count
+
+
+@pytest.mark.parametrize("stage, trained", [("pretrain", ["projector"]),
+                                            ("full", ["vision", "projector", "language"])])
+def test_floor_parts_match_a_hand_count_and_add_up(plans, stage, trained):
+    config, plan = plans[stage]
+    counts, m = hand_param_counts(config), config.model
+    trainable_bytes = sum(float32_bytes_per_device(counts[GROUP_OF[name]], 8) for name in trained)
+    rows = 16 // 8                       # train.batch_size / fsdp devices, one micro-batch; float32 compute
+    decoder = m.decoder.num_layers * rows * config.data.max_length * m.decoder.hidden_size * 4
+    vision = m.vision_layers_used * rows * (m.vision.num_patches + 1) * m.vision.hidden_size * 4
+    assert plan["floor_parts"] == {
+        "params": plan["param_bytes_per_device"], "gradients": trainable_bytes,
+        "optimizer_state": plan["optimizer_bytes_per_device"], "decoder_activations": decoder,
+        "vision_activations": vision if "vision" in trained else 0}   # a frozen tower keeps nothing
+    assert plan["floor_bytes"] == sum(plan["floor_parts"].values())
+    assert plan["floor_gib"] == round(plan["floor_bytes"] / 2 ** 30, 3)
+
+
+@pytest.mark.parametrize("name", ["pretrain", "full", "full_bf16_moments"])
+def test_peak_over_floor_is_the_peak_divided_by_the_floor(plans, name):
+    _, plan = plans[name]
+    assert plan["peak_over_floor"] == plan["memory_bytes_per_device"]["peak"] / plan["floor_bytes"]
+    assert plan["peak_over_floor"] > 1
+
+
+def test_bfloat16_moments_shrink_the_floor_by_half_the_moment_bytes(plans):
+    (_, float32), (_, bfloat16) = plans["full"], plans["full_bf16_moments"]
+    moment_bytes = float32["optimizer_bytes_per_device"] - 4            # mu + nu in float32; the int32 count stays
+    assert bfloat16["optimizer_state_dtype"] == "bfloat16" and float32["optimizer_state_dtype"] == "float32"
+    assert float32["floor_bytes"] - bfloat16["floor_bytes"] == moment_bytes // 2
+    assert bfloat16["optimizer_bytes_per_device"] == moment_bytes // 2 + 4
+
+
+def test_the_plan_is_the_accelerator_graph_while_cpu_training_keeps_its_layouts(plans):
+    """The CPU lowering (first, so a trace cache would hand its barriers on) has swap_last_two's optimization
+    barriers; the planner's lowering of the same step has none."""
+    import flax.linen as nn
+
+    from llava_jax.sharding import LOGICAL_RULES, make_mesh
+    from llava_jax.train.state import make_train_setup
+    from llava_jax.train.step import abstract_batch, jit_train_step, resolve_batch_layout
+    config, _ = plans["full"]
+    setup = make_train_setup(config, make_mesh(config.mesh, jax.devices()[:8]))
+    resolve_batch_layout(setup.config, setup.mesh)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        cpu = jit_train_step(setup).lower(setup.abstract_state, abstract_batch(setup.config, setup.mesh)).as_text()
+    assert cpu.count("optimization_barrier") > 0
+    assert lower_for_accelerator(setup).as_text().count("optimization_barrier") == 0
+
+
+def test_explain_lists_the_largest_buffers_live_at_the_peak(plans):
+    config, plan = plans["pretrain"]
+    explained = plan_step(config, jax.devices()[:8], PLENTY, explain=5)["peak_buffers"]
+    sizes = [buffer["bytes"] for buffer in explained["buffers"]]
+    assert 0 < len(sizes) <= 5 and sizes == sorted(sizes, reverse=True)
+    assert sum(sizes) <= explained["live_bytes_at_peak"] <= plan["memory_bytes_per_device"]["temporaries"]
+    assert any("LlavaModel" in buffer["op_name"] for buffer in explained["buffers"])
 
 
 def test_the_donated_state_is_counted_once(plans):

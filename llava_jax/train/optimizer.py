@@ -65,7 +65,8 @@ def _decay_mask(params: Any) -> Any:
 
 def make_optimizer(t: TrainConfig, trainable: dict) -> optax.GradientTransformationExtraArgs:
     """Global-norm clipping, then AdamW per group (each group may have its own learning rate), fused into one
-    elementwise update per parameter (`llava_jax.train.adamw`); `update` takes the step's `grad_norm=`."""
+    elementwise update per parameter (`llava_jax.train.adamw`); `update` takes the step's `grad_norm=`. The
+    moments are stored in `train.optimizer_state_dtype`."""
     learning_rates = {g: learning_rate_schedule(t, _group_learning_rate(t, g)) for g in trainable}
     return clipped_adamw(learning_rates, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay,
-                         decay_mask=_decay_mask, max_norm=t.grad_clip_norm)
+                         decay_mask=_decay_mask, max_norm=t.grad_clip_norm, moment_dtype=t.optimizer_state_dtype)
