@@ -79,8 +79,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 class Embed(nn.Module):
-    """Token embedding [vocab, embed]. Lookups gather from the table with its fsdp (embed) shards all-gathered
-    first, so the batch-sharded output never conflicts with a parameter sharding; `attend` is the tied head."""
+    """Token embedding [vocab, embed]; `attend` is the tied head. A lookup runs on each device's own (embed) shard of
+    the table for the whole batch (the token ids, a few KB, are what is all-gathered), so no full float32 table is
+    gathered and the gradient scatters into the local shard only; the caller reshards the output to the batch."""
     num_embeddings: int
     features: int
     dtype: Dtype = jnp.float32
@@ -91,8 +92,9 @@ class Embed(nn.Module):
             (self.num_embeddings, self.features), jnp.float32)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
-        return jnp.take(table, ids, axis=0).astype(self.dtype)
+        ids = nn.with_logical_constraint(ids, (None, None))
+        out = jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        return nn.with_logical_constraint(out, (None, None, "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("bte,ve->btv", x, self.embedding.astype(self.dtype))

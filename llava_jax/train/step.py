@@ -86,7 +86,10 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
             return grad_fn(trainable, frozen_params, batch, denominator)
 
         def accumulate(carry, micro):
-            loss, grads = grad_fn(trainable, frozen_params, micro, denominator)
+            # the params pass a barrier with the loop-variant micro-batch, so XLA cannot hoist their all-gathers
+            # (full unsharded copies) out of the loop, where they would stay live through every micro-batch
+            (params, frozen), micro = jax.lax.optimization_barrier(((trainable, frozen_params), micro))
+            loss, grads = grad_fn(params, frozen, micro, denominator)
             return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
 
         init = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
