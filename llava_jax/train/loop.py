@@ -19,6 +19,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.checkpoint import CHECKPOINT_DIR, RunCheckpointer, restore_or_init
@@ -41,7 +42,8 @@ from llava_jax.train.step import compile_train_step, resolve_batch_layout
 class _Dispatched:
     """A step whose metrics are still on the device."""
     step: int
-    metrics: Any                  # dict of device scalars
+    keys: list                    # metric names, in the order of `metrics`
+    metrics: Any                  # float32 [len(keys)] on the device
     data_time: float              # host seconds spent producing this step's batch (overlapping the previous step)
     extra: dict                   # host-side figures of this step (checkpoint blocking time, evaluation scores)
 
@@ -62,7 +64,7 @@ class _Reporter:
 
     def report(self, done: _Dispatched, force_log: bool = False) -> None:
         config = self.config
-        metrics = {k: float(v) for k, v in jax.device_get(done.metrics).items()}   # waits for step `done.step`
+        metrics = dict(zip(done.keys, jax.device_get(done.metrics).tolist()))      # waits for step `done.step`
         now = time.time()
         step_time = (now - self._previous_time) / max(done.step - self._previous_step, 1)
         self._previous_time, self._previous_step = now, done.step
@@ -90,6 +92,12 @@ class _Reporter:
             figures["mfu"] = figures["flops_per_s"] / (self.peak * jax.device_count())
             figures["real_mfu"] = figures["real_flops_per_s"] / (self.peak * jax.device_count())
         return figures
+
+
+@jax.jit
+def _stacked(metrics: dict) -> jax.Array:
+    """A step's scalar metrics as ONE float32 vector (in sorted key order): one transfer to read them all."""
+    return jnp.stack([jnp.asarray(metrics[key], jnp.float32) for key in sorted(metrics)])
 
 
 def _next_global_batch(data, mesh, reporter: _Reporter) -> tuple[dict, float]:
@@ -139,7 +147,7 @@ def train(config: Config, workdir: str) -> dict:
             batch, data_time = _next_global_batch(data, mesh, reporter)
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = train_step(state, batch)                       # dispatched; runs asynchronously
-            current = _Dispatched(step, metrics, data_time, {})
+            current = _Dispatched(step, sorted(metrics), _stacked(metrics), data_time, {})
             preempted = preemption.stop_requested(step) and step < config.train.steps
             if preempted or step % config.checkpoint.every_steps == 0 or step == config.train.steps:
                 current.extra["checkpoint_blocking_s"] = checkpointer.save(step, state, data, run_config)

@@ -36,14 +36,15 @@ class MetricsLogger:
         self._start_time, self._start_step = time.time(), step
 
     def write(self, step: int, metrics: dict) -> None:
-        """Appends one record {"step": step, **metrics} and mirrors numeric values to TensorBoard."""
+        """Appends one record {"step": step, "time": unix seconds when written, **metrics} and mirrors numeric
+        values to TensorBoard."""
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key not in ("step", "time") and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)
         self._tb.flush()
 
