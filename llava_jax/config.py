@@ -433,27 +433,43 @@ def _validate_model(m: ModelConfig) -> None:
                  "vision_feature_select_strategy=default on CLIP)")
 
 
+def kernel_problems(kernel: str, dtype: str, head_dims: dict[str, int], packed: bool,
+                    length: Optional[int] = None) -> list[tuple[str, str]]:
+    """(key, why) for each limit of attention `kernel` (llava_jax/models/attention.py) these settings break:
+    compute `dtype`, `head_dims` (name -> dim, both towers), `packed` rows, sequence `length` (None: unchecked).
+    The one statement of the kernels' limits: config validation refuses them, `runtime.choose_kernel` avoids them."""
+    problems = []
+    if kernel == "cudnn":
+        if packed:
+            problems.append(("model.attention", "cudnn receives padding as per-row lengths (no segment ids) and "
+                             "cannot mask packed segments (data.pack=true): packed rows need xla or splash; set "
+                             "data.pack=false or use model.attention=xla or splash"))
+        if dtype == "float32":
+            problems.append(("model.attention", "cudnn flash attention runs in bfloat16/float16 compute; set "
+                             "model.dtype=bfloat16"))
+        problems += [("model.attention", f"cudnn needs head dims that are multiples of 8 up to 256 (128 before "
+                      f"Hopper); {key} = {dim}") for key, dim in head_dims.items() if dim % 8 or dim > 256]
+    if kernel == "splash":
+        problems += [("model.attention", f"splash needs head dims of 64 or a multiple of 128; {key} = {dim}")
+                     for key, dim in head_dims.items() if dim != 64 and dim % 128]
+        if length is not None and length % SPLASH_BLOCK:
+            problems.append(("data.max_length", f"{length} must be a multiple of {SPLASH_BLOCK} with "
+                             f"model.attention=splash (its block size), e.g. "
+                             f"{-(-length // SPLASH_BLOCK) * SPLASH_BLOCK}"))
+    return problems
+
+
+def attention_head_dims(m: ModelConfig) -> dict[str, int]:
+    """Both towers' attention head dims, by the config keys that set them."""
+    return {"model.decoder.head_dim": m.decoder.head_dim,
+            "model.vision.hidden_size / num_heads": m.vision.hidden_size // m.vision.num_heads}
+
+
 def _validate_attention(c: Config) -> None:
-    """The limits of the kernel `model.attention` names (llava_jax/models/attention.py), for both towers."""
+    """The limits of the kernel `model.attention` names, for both towers (`kernel_problems`)."""
     m = c.model
-    head_dims = {"model.decoder.head_dim": m.decoder.head_dim,
-                 "model.vision.hidden_size / num_heads": m.vision.hidden_size // m.vision.num_heads}
-    if m.attention == "cudnn":
-        _require(c.data.pack is not True, "model.attention",
-                 "cudnn receives padding as per-row lengths and cannot mask packed segments (data.pack=true); "
-                 "set data.pack=false or use model.attention=xla or splash")
-        _require(m.dtype != "float32", "model.attention",
-                 "cudnn flash attention runs in bfloat16 or float16; set model.dtype=bfloat16")
-        for key, dim in head_dims.items():
-            _require(dim % 8 == 0 and dim <= 256, "model.attention",
-                     f"cudnn needs head dims that are multiples of 8 up to 256 (128 before Hopper); {key} = {dim}")
-    if m.attention == "splash":
-        for key, dim in head_dims.items():
-            _require(dim == 64 or dim % 128 == 0, "model.attention",
-                     f"splash needs head dims of 64 or a multiple of 128; {key} = {dim}")
-        _require(c.data.max_length % SPLASH_BLOCK == 0, "data.max_length",
-                 f"{c.data.max_length} must be a multiple of {SPLASH_BLOCK} with model.attention=splash (its block "
-                 f"size), e.g. {-(-c.data.max_length // SPLASH_BLOCK) * SPLASH_BLOCK}")
+    for key, why in kernel_problems(m.attention, m.dtype, attention_head_dims(m), c.data.pack is True, c.data.max_length):
+        _require(False, key, why)
 
 
 def _validate_train(c: Config) -> None:
@@ -467,8 +483,6 @@ def _validate_train(c: Config) -> None:
     _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
     _require(0.0 <= t.min_learning_rate_ratio <= 1.0, "train.min_learning_rate_ratio", "must be in [0, 1]")
-    _require(t.optimizer_state_dtype in ("float32", "bfloat16"), "train.optimizer_state_dtype",
-             f"{t.optimizer_state_dtype!r} is not float32 or bfloat16")
 
 
 def _validate_data(c: Config) -> None:

@@ -12,36 +12,25 @@ packed and on GPU cuDNN runs unpacked rows.
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 
-from llava_jax.config import SPLASH_BLOCK, Config, validate
+from llava_jax.config import Config, attention_head_dims, kernel_problems, validate
 
 
-def choose_kernel(backend: str, dtype: str, head_dims: Sequence[int], packed: bool, length: Optional[int] = None
-                  ) -> tuple[str, str]:
-    """(kernel, the reason) for model.attention=auto; `length` (data.max_length), when given, must suit splash."""
-    if backend == "tpu":
-        if not all(dim == 64 or dim % 128 == 0 for dim in head_dims):
-            return "xla", f"TPU, but splash needs head dims of 64 or a multiple of 128 (have {list(head_dims)})"
-        if length is not None and length % SPLASH_BLOCK:
-            return "xla", f"TPU, but splash needs data.max_length to be a multiple of {SPLASH_BLOCK}"
-        return "splash", "TPU"
-    if backend == "gpu":
-        if packed:
-            return "xla", "GPU with packed rows (cuDNN through jax takes no segment ids; data.pack=auto avoids this)"
-        if dtype == "float32":
-            return "xla", "GPU, but cuDNN flash attention needs bfloat16/float16 compute (model.dtype)"
-        if not all(dim % 8 == 0 and dim <= 256 for dim in head_dims):
-            return "xla", f"GPU, but cuDNN needs head dims that are multiples of 8 up to 256 (have {list(head_dims)})"
-        return "cudnn", "GPU"
-    return "xla", backend.upper()
-
-
-def _head_dims(config: Config) -> tuple[int, int]:
-    m = config.model
-    return m.decoder.head_dim, m.vision.hidden_size // m.vision.num_heads
+def choose_kernel(backend: str, dtype: str, head_dims: Mapping[str, int] | Sequence[int], packed: bool,
+                  length: Optional[int] = None) -> tuple[str, str]:
+    """(kernel, the reason) for model.attention=auto: the backend's fast kernel unless a limit of it
+    (`config.kernel_problems`) is broken; `length` (data.max_length), when given, must suit it too."""
+    fast = {"tpu": "splash", "gpu": "cudnn"}.get(backend)
+    if fast is None:
+        return "xla", backend.upper()
+    dims = head_dims if isinstance(head_dims, Mapping) else {f"head dim {k}": d for k, d in enumerate(head_dims)}
+    problems = kernel_problems(fast, dtype, dims, packed, length)
+    if problems:
+        return "xla", f"{backend.upper()}, but {problems[0][1]}"
+    return fast, backend.upper()
 
 
 def packs(config: Config, backend: Optional[str] = None) -> bool:
@@ -50,8 +39,8 @@ def packs(config: Config, backend: Optional[str] = None) -> bool:
         return bool(config.data.pack)
     if config.model.attention != "auto":
         return config.model.attention != "cudnn"
-    kernel, _ = choose_kernel(backend or jax.default_backend(), config.model.dtype, _head_dims(config), packed=False,
-                              length=config.data.max_length)
+    kernel, _ = choose_kernel(backend or jax.default_backend(), config.model.dtype,
+                              attention_head_dims(config.model), packed=False, length=config.data.max_length)
     return kernel != "cudnn"
 
 
@@ -64,8 +53,8 @@ def resolve_auto(config: Config, backend: Optional[str] = None) -> tuple[Config,
         resolved.data.pack = packs(config, backend)
         lines.append(f"data.pack: auto -> {str(resolved.data.pack).lower()}")
     if config.model.attention == "auto":
-        kernel, why = choose_kernel(backend, config.model.dtype, _head_dims(config), bool(resolved.data.pack),
-                                    config.data.max_length)
+        kernel, why = choose_kernel(backend, config.model.dtype, attention_head_dims(config.model),
+                                    bool(resolved.data.pack), config.data.max_length)
         resolved.model.attention = kernel
         lines.append(f"model.attention: auto -> {kernel} ({why})")
     validate(resolved)
