@@ -173,6 +173,9 @@ class TrainConfig:
     freeze: Optional[list[Literal["vision", "projector", "language"]]] = None
     grad_accum_steps: int = 1
     micro_batch_size: Optional[int] = None   # per data-parallel replica (Megatron); sets grad_accum_steps
+    # with grad accumulation, model.remat=full and scanned stacks: layer-stack weight gradients are added into the
+    # accumulator by the backward pass itself (one gradient buffer, not two; models/accumulate.py)
+    accumulate_in_place: bool = True
     max_bad_steps: int = 5
     loss_chunk_size: int = 512   # positions per fused loss chunk; chunks without targets are skipped (0 = one chunk)
     log_every: int = 10

@@ -9,7 +9,7 @@ from llava_jax.sharding import host_batch_to_global, make_mesh
 from llava_jax.train.guards import StopTraining, check_step_metrics as _check_step
 from llava_jax.train.state import make_train_setup
 from llava_jax.train.loss import cross_entropy_sums
-from llava_jax.train.step import compile_train_step, jit_train_step
+from llava_jax.train.step import compile_train_step, in_place_stacks, jit_train_step
 from tests.helpers import TINY_MODEL, random_batch
 
 STEP_CONFIG = ["data.max_length=32", "train.batch_size=8", "train.learning_rate=1e-3", "train.stage=full",
@@ -59,6 +59,39 @@ def test_grad_accumulation_equals_one_big_batch(tiny_config):
     np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-6)
     for ref, got in zip(jax.tree_util.tree_leaves(big_state.params), jax.tree_util.tree_leaves(acc_state.params)):
         np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
+def test_in_place_accumulation_equals_the_plain_sum(tiny_config, mesh):
+    """models/accumulate.py: the layer stacks' backward adds into the carried gradients; same losses and params as
+    accumulating a fresh gradient per micro-batch, and as one big batch."""
+    common = [*STEP_CONFIG, "train.batch_size=32", "model.remat=full", *mesh_overrides(*mesh)]
+    in_place = tiny_config(*common, "train.grad_accum_steps=4")
+    plain = tiny_config(*common, "train.grad_accum_steps=4", "train.accumulate_in_place=false")
+    big = tiny_config(*common)
+    runs = [run_steps(config, 2) for config in (in_place, plain, big)]
+    assert in_place_stacks(runs[0][2].config, runs[0][2].frozen) == ("vision_tower", "language_model")
+    assert in_place_stacks(runs[1][2].config, runs[1][2].frozen) == ()
+    for losses, state, _ in runs[1:]:
+        np.testing.assert_allclose(runs[0][0], losses, rtol=1e-6)
+        for ref, got in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(runs[0][1].params)):
+            np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_in_place_accumulation_saves_one_gradient_of_the_stacks(tiny_config):
+    """The compiled step's temporaries shrink by about the stacked trainable weights' bytes (the per-micro-batch
+    gradient buffer the plain path allocates)."""
+    from llava_jax.plan import memory_figures
+    common = [*STEP_CONFIG, "train.batch_size=32", "model.remat=full", "train.grad_accum_steps=4",
+              "model.decoder.num_layers=8", "model.decoder.mlp_dim=256", *mesh_overrides(1, 8, 1)]
+    temps = {}
+    for in_place in (True, False):
+        config = tiny_config(*common, f"train.accumulate_in_place={str(in_place).lower()}")
+        setup = make_train_setup(config, make_mesh(config.mesh))
+        temps[in_place] = memory_figures(compile_train_step(setup))["temporaries"]
+    stacked = sum(leaf.size * 4 for group in ("vision_tower", "language_model")
+                  for leaf in jax.tree_util.tree_leaves(setup.abstract_state.params[group]["layers"])) / 8
+    assert temps[False] - temps[True] >= 0.9 * stacked, (temps, stacked)
 
 
 @pytest.mark.parametrize("stage,frozen", [("pretrain", ("vision_tower", "language_model")),

@@ -77,14 +77,17 @@ class LanguageModel(nn.Module):
         return constrain(self.embed_tokens(input_ids))
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache_length: Optional[int] = None) -> jax.Array:
+                 cache_length: Optional[int] = None, accumulator: Optional[dict] = None) -> jax.Array:
         """embeds [B, T, E], positions [B, T], segment_ids [B, T] (0 = padding) -> final-normed hidden.
 
         `cache_length` (static) switches to KV-cache mode: apply with mutable=["cache"]; the first call creates a
         cache of that many slots (prefill), later calls append to it (decode steps).
+        `accumulator`: the layer stack's gradients so far; its weight gradient is added into them in place
+        (`layers.run_layer_stack`; training with gradient accumulation only).
         """
         cache = None if cache_length is None else self.cache_slots(segment_ids, positions, cache_length)
-        x = run_layer_stack(self.layers, constrain(embeds), segment_ids, positions, cache)
+        x = run_layer_stack(self.layers, constrain(embeds), segment_ids, positions, cache, accumulator=accumulator,
+                            block=DecoderBlock(self.config, parent=None))
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llava_jax.models.accumulate import accumulating_scan
 from llava_jax.models.attention import attention
 from llava_jax.models.cpu_layout import on_cpu, swap_last_two
 
@@ -254,8 +255,19 @@ def make_layer_stack(block_cls: type[nn.Module], num_layers: int, scan: bool, re
     return [block_cls(**block_kwargs) for _ in range(num_layers)]
 
 
-def run_layer_stack(stack, x: jax.Array, *args) -> jax.Array:
-    """Runs a stack from `make_layer_stack`; `args` are broadcast to every layer."""
+def run_layer_stack(stack, x: jax.Array, *args, accumulator: Any = None,
+                    block: Optional[nn.Module] = None) -> jax.Array:
+    """Runs a stack from `make_layer_stack`; `args` are broadcast to every layer. With `accumulator` (a scanned
+    stack's params tree of gradients so far) the stack runs as `accumulate.accumulating_scan` of `block` (an
+    unbound, un-rematted instance of the stack's block): full remat, and the stack's weight gradient comes back
+    already added into `accumulator`."""
+    if accumulator is not None:
+        if isinstance(stack, (list, tuple)):
+            raise ValueError("in-place gradient accumulation needs a scanned layer stack (model.scan_layers=true)")
+
+        def layer_fn(layer_params, h, *consts):
+            return block.apply({"params": layer_params}, h, *consts)[0]
+        return accumulating_scan(layer_fn, stack.variables["params"], accumulator, x, *args)
     if isinstance(stack, (list, tuple)):
         for block in stack:
             x, _ = block(x, *args)

@@ -56,10 +56,10 @@ class LlavaModel(nn.Module):
         self.projector = Projector(self.config)
         self.language_model = LanguageModel(self.config)
 
-    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+    def encode_images(self, pixel_values: jax.Array, accumulator: Optional[dict] = None) -> jax.Array:
         """pixel_values [B, I, H, W, C] -> projected image features [B, I * tokens_per_image, E]."""
         batch, num_images = pixel_values.shape[:2]
-        features = self.vision_tower(pixel_values.reshape(batch * num_images, *pixel_values.shape[2:]))
+        features = self.vision_tower(pixel_values.reshape(batch * num_images, *pixel_values.shape[2:]), accumulator)
         if self.freeze_vision:
             features = jax.lax.stop_gradient(features)
         projected = self.projector(features)                               # [B*I, N, E]
@@ -72,12 +72,16 @@ class LlavaModel(nn.Module):
     def __call__(self, input_ids: jax.Array, pixel_values: Optional[jax.Array] = None,
                  attention_mask: Optional[jax.Array] = None, image_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
-                 return_hidden: bool = False, cache_length: Optional[int] = None) -> jax.Array:
+                 return_hidden: bool = False, cache_length: Optional[int] = None,
+                 grad_accumulators: Optional[dict] = None) -> jax.Array:
         """input_ids [B, T] int32 (images pre-expanded), pixel_values [B, I, H, W, 3] or None,
         attention_mask [B, T] (1 = real token), image_mask [B, I] (1 = real image; real images first),
         segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T]. Host inputs are
         checked (image-token counts; with model.attention=cudnn, right padding) before anything runs.
-        `cache_length`: run on the decoder's KV cache (see `LanguageModel`; llava_jax.generate drives it)."""
+        `cache_length`: run on the decoder's KV cache (see `LanguageModel`; llava_jax.generate drives it).
+        `grad_accumulators`: {"language_model" / "vision_tower": the gradients so far of that part's layer stack}
+        (train step, gradient accumulation): their weight gradients come back added into them in place."""
+        accumulators = grad_accumulators or {}
         num_images = 0 if pixel_values is None else pixel_values.shape[1]
         batch, length = input_ids.shape
         if segment_ids is None:
@@ -92,8 +96,10 @@ class LlavaModel(nn.Module):
         embeds = self.language_model.embed(input_ids)
         if num_images:
             is_image = input_ids == self.config.image_token_id
-            embeds = merge_image_features(embeds, self.encode_images(pixel_values), is_image)
-        hidden = self.language_model(embeds, positions, segment_ids, cache_length)
+            features = self.encode_images(pixel_values, accumulators.get("vision_tower"))
+            embeds = merge_image_features(embeds, features, is_image)
+        hidden = self.language_model(embeds, positions, segment_ids, cache_length,
+                                     accumulators.get("language_model"))
         return hidden if return_hidden else self.language_model.logits(hidden)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@ Returns transformers' `hidden_states[vision_feature_layer]` after the select str
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,7 +61,8 @@ class VisionTower(nn.Module):
         self.layers = make_layer_stack(EncoderBlock, cfg.vision_layers_used, cfg.scan_layers, cfg.remat,
                                        config=cfg)
 
-    def __call__(self, pixels: jax.Array) -> jax.Array:
+    def __call__(self, pixels: jax.Array, accumulator: Optional[dict] = None) -> jax.Array:
+        """`accumulator`: see `LanguageModel.__call__`."""
         cfg, v = self.config, self.config.vision
         dtype = jnp.dtype(cfg.dtype)
         x = self.patch_embed(patchify(pixels.astype(dtype), v.patch_size))     # [N, patches, hidden]
@@ -69,5 +72,6 @@ class VisionTower(nn.Module):
         x = x + self.position_embedding.astype(dtype)[None]
         if v.has_class_token:
             x = self.pre_layernorm(x)
-        x = run_layer_stack(self.layers, constrain(x), None)
+        x = run_layer_stack(self.layers, constrain(x), None, accumulator=accumulator,
+                            block=EncoderBlock(cfg, parent=None))
         return x[:, 1:] if cfg.vision_feature_select_strategy == "default" else x

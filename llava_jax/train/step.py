@@ -1,6 +1,6 @@
 """The loss and the ONE jitted train step (vision tower + projector + decoder, gradient accumulation inside).
 
-Public surface: `BATCH_KEYS`, `make_train_step(setup) -> step(state, batch)`,
+Public surface: `BATCH_KEYS`, `in_place_stacks(config, frozen)`, `make_train_step(setup) -> step(state, batch)`,
 `compile_train_step(setup, batch_spec)`, `abstract_batch(config, mesh)`,
 `resolve_batch_layout(config, mesh)`.
 
@@ -59,6 +59,15 @@ def _split_micro_batches(batch: dict, num_micro: int, mesh: Mesh) -> dict:
     return jax.tree_util.tree_map(split, batch)
 
 
+def in_place_stacks(config: Config, frozen: tuple[str, ...]) -> tuple[str, ...]:
+    """The param groups whose layer stacks accumulate their weight gradients in place (`models/accumulate.py`):
+    trainable towers, with gradient accumulation, scanned stacks, full remat and train.accumulate_in_place."""
+    m, t = config.model, config.train
+    if not (t.accumulate_in_place and t.grad_accum_steps > 1 and m.scan_layers and m.remat == "full"):
+        return ()
+    return tuple(group for group in ("vision_tower", "language_model") if group not in frozen)
+
+
 def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     config, model, tx, frozen = setup.config, setup.model, setup.tx, setup.frozen
     num_micro = config.train.grad_accum_steps
@@ -68,13 +77,16 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
     def head(params, hidden):
         return model.apply({"params": params}, hidden, method=LlavaModel.logits)
 
-    def micro_loss(trainable, frozen_params, micro, denominator):
+    stacks = in_place_stacks(config, frozen)
+
+    def micro_loss(trainable, frozen_params, micro, denominator, accumulators):
         """This micro-batch's CE sum / the global batch's supervised-token count: gradients come out already
-        normalised for the whole batch."""
+        normalised for the whole batch. The layer stacks in `accumulators` return their gradient added to it."""
         variables = {"params": merge_params(trainable, frozen_params)}
         pixels = normalize_pixels(micro["pixel_values"], micro["image_mask"], pixel_mean, pixel_std)
         hidden = model.apply(variables, micro["input_ids"], pixels, image_mask=micro["image_mask"],
-                             segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True)
+                             segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True,
+                             grad_accumulators=accumulators)
         loss_sum, _ = cross_entropy_sums(hidden, head, head_params(variables["params"], config.model),
                                          micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
         return loss_sum / denominator
@@ -83,14 +95,18 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
 
     def loss_and_grads(trainable, frozen_params, batch, denominator):
         if num_micro == 1:
-            return grad_fn(trainable, frozen_params, batch, denominator)
+            return grad_fn(trainable, frozen_params, batch, denominator, None)
 
         def accumulate(carry, micro):
             # the params pass a barrier with the loop-variant micro-batch, so XLA cannot hoist their all-gathers
             # (full unsharded copies) out of the loop, where they would stay live through every micro-batch
             (params, frozen), micro = jax.lax.optimization_barrier(((trainable, frozen_params), micro))
-            loss, grads = grad_fn(params, frozen, micro, denominator)
-            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+            loss, grads = grad_fn(params, frozen, micro, denominator,
+                                  {group: carry[1][group]["layers"] for group in stacks})
+            summed = jax.tree_util.tree_map(jnp.add, carry, (loss, grads))
+            for group in stacks:     # already the running sum (see models/accumulate.py); XLA drops the add above
+                summed[1][group] = {**summed[1][group], "layers": grads[group]["layers"]}
+            return summed, None
 
         init = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
         (loss, grads), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, num_micro, setup.mesh))
