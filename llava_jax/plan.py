@@ -1,8 +1,8 @@
 """AOT memory planner: compiles the real train step for N devices from abstract shapes only (no parameter is
 materialised, no data or tokenizer is read) and reports what one device has to hold.
 
-    python -m llava_jax.plan --config PATH [--set KEY=VALUE ...] [--devices N] [--device-memory-gib G] [--search]
-                             [--explain N]
+    python -m llava_jax.plan --config PATH [--set KEY=VALUE ...] [--devices N | --topology NAME]
+                             [--device-memory-gib G] [--search] [--explain N]
 
 Prints one JSON object: per-device bytes from XLA's memory analysis (arguments, outputs, aliased, temporaries and
 peak = arguments + outputs - aliased + temporaries), parameter and optimizer-state bytes per device (abstract state
@@ -22,7 +22,13 @@ keeps [heads, T, T] float32 scores where splash / cuDNN keep none. XLA:CPU also 
 float32 (its float normalization converts their operands and results, and whole layer stacks around them), so the
 figures err on the high side of an accelerator's.
 
-Public surface: `plan_step(config, devices, device_memory_bytes, explain=0) -> dict`,
+`--topology NAME` (e.g. v5e:4x4, v5p:2x2x4) compiles for that TPU slice instead, with XLA:TPU itself, on this CPU
+machine (libtpu's ahead-of-time compiler: `pip install libtpu` or `jax[tpu]`; no TPU needed): model.attention /
+data.pack `auto` resolve as on a TPU (splash, packed), and the figures are the ones that TPU would allocate. XLA:TPU
+refuses to compile a step larger than the chip's memory; plan on a larger chip with the same count (v5p: 95 GiB)
+and compare with `--device-memory-gib`.
+
+Public surface: `plan_step(config, devices, device_memory_bytes, explain=0) -> dict`, `tpu_devices(topology)`,
 `lower_for_accelerator(setup)`, `compile_for_accelerator(setup, compiler_options=None)`,
 `search_layouts(config, devices, device_memory_bytes) -> dict`, `main(argv)`.
 """
@@ -49,6 +55,17 @@ def use_fake_cpu_devices(count: int) -> None:
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"{DEVICE_COUNT_FLAG}={count}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU slice to compile for, without a TPU (libtpu's topology descriptions)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")      # nothing runs on the slice; jax itself stays on the CPU
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # noqa: BLE001 - a missing libtpu and a bad name both end here
+        raise SystemExit(f"--topology {topology}: no TPU topology ({type(e).__name__}: {str(e)[:200]}); it needs "
+                         "libtpu (pip install libtpu, the version jax[tpu] names) and a name like v5e:4x4") from e
 
 
 def cpu_devices(count: int) -> list:
@@ -115,11 +132,19 @@ def plan_step(config: Config, devices: Sequence, device_memory_bytes: float, exp
     from llava_jax.train.optimizer import split_params
     from llava_jax.train.state import make_train_setup
 
-    config = copy.deepcopy(config)
+    from llava_jax.runtime import resolve_auto
+
+    config = resolve_auto(config, devices[0].platform)[0]
     mesh = make_mesh(config.mesh, devices)
     setup = make_train_setup(config, mesh)
     start = time.perf_counter()
-    compiled = compile_for_accelerator(setup)
+    try:
+        compiled = compile_for_accelerator(setup)
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a step larger than the chip
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise SystemExit(f"{devices[0].device_kind}: {str(e).splitlines()[0][:300]}; plan on a larger chip with the "
+                         f"same device count (e.g. --topology v5p:...) to see the figures") from e
     compile_s = time.perf_counter() - start
     state, shardings = setup.abstract_state, setup.state_shardings
     memory = memory_figures(compiled)
@@ -133,7 +158,7 @@ def plan_step(config: Config, devices: Sequence, device_memory_bytes: float, exp
         "batch_size": config.train.batch_size, "grad_accum_steps": config.train.grad_accum_steps,
         "micro_batch_size": config.train.batch_size // config.train.grad_accum_steps // replicas,
         "sequence_length": config.data.max_length, "dtype": config.model.dtype, "remat": config.model.remat,
-        "frozen": list(setup.frozen), "params": count_params(state.params),
+        "attention": config.model.attention, "pack": config.data.pack, "frozen": list(setup.frozen), "params": count_params(state.params),
         "trainable_params": count_params(split_params(state.params, setup.frozen)[0]),
         "param_bytes_per_device": sharding_report(state.params, shardings.params)["per_device_bytes"],
         "optimizer_bytes_per_device": sharding_report(state.opt_state, shardings.opt_state)["per_device_bytes"],
@@ -196,6 +221,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set train.micro_batch_size=1 model.remat=full")
     parser.add_argument("--devices", type=int, default=8, help="devices to plan for (fake CPU devices)")
+    parser.add_argument("--topology", default=None, metavar="NAME",
+                        help="compile for this TPU slice with XLA:TPU (e.g. v5e:4x4; needs libtpu, not a TPU)")
     parser.add_argument("--device-memory-gib", type=float, default=16.0, help="memory of one device, GiB")
     parser.add_argument("--search", action="store_true",
                         help="also find the largest micro-batch and the cheapest remat policy that fit")
@@ -211,9 +238,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if "jax" not in sys.modules:
-        use_fake_cpu_devices(args.devices)
-    devices = cpu_devices(args.devices)
+    if args.topology:
+        devices = tpu_devices(args.topology)
+    else:
+        if "jax" not in sys.modules:
+            use_fake_cpu_devices(args.devices)
+        devices = cpu_devices(args.devices)
     memory_bytes = args.device_memory_gib * GIB
     report = {"config": args.config, "overrides": args.overrides,
               **plan_step(config, devices, memory_bytes, explain=args.explain)}

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}   # the CPU demo (a test venv also holds libtpu, for the planner)
 WORKDIR=${WORKDIR:-runs/demo}
 start=$(date +%s)
 $PY train.py --config configs/demo.yaml --workdir "$WORKDIR" "$@"

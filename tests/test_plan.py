@@ -1,5 +1,6 @@
 """The AOT memory planner: per-device parameter / optimizer bytes and the floor against a hand count, `fits`, the
 accelerator graph (no CPU-only layouts), the largest buffers at the peak, the JSON CLI."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -151,3 +152,25 @@ def test_cli_prints_one_json_object_with_a_search_and_reads_no_data():
     assert report["devices"] == 8 and report["mesh"]["fsdp"] == 8 and report["fits"]
     assert report["search"]["best"]["micro_batch_size"] == 2 and report["search"]["best"]["remat"] == "none"
     assert report["search"]["best"]["overrides"] == ["train.micro_batch_size=2", "model.remat=none"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (requirements-test.txt) not installed")
+def test_topology_compiles_for_a_tpu_slice_with_its_kernel():
+    """--topology: XLA:TPU compiles the step for a v5e 2x2 slice on this CPU machine; auto picks splash and packs.
+    The TPU step keeps no [heads, T, T] scores, so at a length where those dominate it plans less than the CPU."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    common = ["--set", *TINY_MODEL, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.batch_size=4",
+              "model.dtype=bfloat16", "model.decoder.hidden_size=128", "model.decoder.num_heads=1",
+              "model.decoder.num_kv_heads=1", "model.vision.hidden_size=256", "model.vision.num_heads=2",
+              "data.max_length=2048", "data.pack=auto"]
+    reports = {}
+    for target in (["--topology", "v5e:2x2"], ["--devices", "4"]):
+        result = subprocess.run([sys.executable, "-m", "llava_jax.plan", *target, *common], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[target[0]] = json.loads(result.stdout)
+    tpu, cpu = reports["--topology"], reports["--devices"]
+    assert tpu["platform"] == "tpu" and tpu["devices"] == 4 and tpu["mesh"]["fsdp"] == 4
+    assert (tpu["attention"], tpu["pack"], cpu["attention"]) == ("splash", True, "xla")
+    scores = 2 * 2048 * 2048 * 4          # one [batch 1, heads 1, T, T] float32 score matrix (and its gradient)
+    assert tpu["memory_bytes_per_device"]["temporaries"] < cpu["memory_bytes_per_device"]["temporaries"] - scores
