@@ -60,6 +60,7 @@ def use_fake_cpu_devices(count: int) -> None:
 def tpu_devices(topology: str) -> list:
     """The devices of a TPU slice to compile for, without a TPU (libtpu's topology descriptions)."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")      # nothing runs on the slice; jax itself stays on the CPU
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compiling only: no chip to guard with a lockfile
     from jax.experimental import topologies
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)

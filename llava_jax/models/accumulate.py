@@ -21,9 +21,20 @@ import jax
 import jax.numpy as jnp
 
 
+def _as_bits(x: jax.Array) -> jax.Array:
+    """16-bit floats kept as their bits: XLA:CPU would store a stack of bfloat16 in float32 (float normalization);
+    integers it leaves alone, and on an accelerator the bitcast is free."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(bits: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
+
+
 def _run(layer_fn, params, x, consts):
+    """The stack forward; also returns every layer's input (as `_as_bits`)."""
     def body(carry, layer_params):
-        return layer_fn(layer_params, carry, *consts), carry
+        return layer_fn(layer_params, carry, *consts), _as_bits(carry)
     return jax.lax.scan(body, x, params)
 
 
@@ -47,6 +58,7 @@ def accumulating_scan(layer_fn: Callable[..., jax.Array], params: Any, accumulat
         def body(carry, layer):
             d_x, acc = carry
             index, layer_params, layer_input = layer
+            layer_input = _from_bits(layer_input, d_x.dtype)
             _, vjp = jax.vjp(lambda p, h: layer_fn(p, h, *consts), layer_params, layer_input)
             d_params, d_x = vjp(d_x)
             acc = jax.tree_util.tree_map(
