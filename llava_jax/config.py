@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from llava_jax.anyres_grid import DEFAULT_GRID_PINPOINTS, check_pinpoints, max_crops, max_tokens
+
 
 @dataclass
 class VisionConfig:
@@ -74,10 +76,21 @@ class DecoderConfig:
 
 
 @dataclass
+class AnyresConfig:
+    """LLaVA-NeXT "anyres": each image is a base crop plus the tiles of its best (height, width) pinpoint (all
+    multiples of model.vision.image_size), and the model learns an `image_newline` vector (llava_jax/data/anyres.py).
+    `max_crops`: the crop axis of pixel_values (null = 1 + the most tiles a pinpoint has; smaller is refused)."""
+    enabled: bool = False
+    grid_pinpoints: list[list[int]] = field(default_factory=lambda: [list(p) for p in DEFAULT_GRID_PINPOINTS])
+    max_crops: Optional[int] = None
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    anyres: AnyresConfig = field(default_factory=AnyresConfig)
     image_token_id: int = 32000
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
@@ -102,6 +115,23 @@ class ModelConfig:
         """Image tokens per image in the LLM sequence (after the projector)."""
         tokens = self.vision_tokens_per_image
         return tokens // 4 if self.projector.pixel_shuffle else tokens
+
+    @property
+    def crops_per_image(self) -> int:
+        """The crop axis of anyres pixel_values [B, I, crops, S, S, 3]: model.anyres.max_crops, or 1 + the most
+        tiles a pinpoint has; 1 without anyres."""
+        if not self.anyres.enabled:
+            return 1
+        return self.anyres.max_crops or max_crops(self.anyres.grid_pinpoints, self.vision.image_size)
+
+    @property
+    def max_tokens_per_image(self) -> int:
+        """The most LLM tokens one image can take: tokens_per_image, or with anyres the base crop + the largest
+        grid with its newlines (2928 for the default pinpoints at 336 / 14)."""
+        if not self.anyres.enabled:
+            return self.tokens_per_image
+        side = self.vision.image_size // self.vision.patch_size
+        return max_tokens(self.anyres.grid_pinpoints, self.vision.image_size, side)
 
 
 @dataclass
@@ -434,6 +464,26 @@ def _validate_model(m: ModelConfig) -> None:
         _require(side * side == tokens and side % 2 == 0, "model.projector.pixel_shuffle",
                  f"needs an even square grid of vision tokens, got {tokens} (with a class token use "
                  "vision_feature_select_strategy=default on CLIP)")
+    if m.anyres.enabled:
+        _validate_anyres(m)
+
+
+def _validate_anyres(m: ModelConfig) -> None:
+    a, v = m.anyres, m.vision
+    try:
+        check_pinpoints(a.grid_pinpoints, v.image_size)
+    except ValueError as e:
+        raise ValueError(f"model.anyres.grid_pinpoints: {e}") from None
+    _require(not m.projector.pixel_shuffle, "model.projector.pixel_shuffle",
+             "is not supported with model.anyres.enabled=true (LLaVA-NeXT lays out each crop's full feature grid)")
+    side = v.image_size // v.patch_size
+    _require(m.vision_tokens_per_image == side * side, "model.vision_feature_select_strategy",
+             f"{m.vision_feature_select_strategy!r} hands the projector {m.vision_tokens_per_image} tokens per crop, "
+             f"anyres needs the {side}x{side} patch grid: use 'default' with CLIP, 'full' with SigLIP")
+    least = max_crops(a.grid_pinpoints, v.image_size)
+    _require(a.max_crops is None or a.max_crops >= least, "model.anyres.max_crops",
+             f"{a.max_crops} is below {least}, the base crop + the most tiles of model.anyres.grid_pinpoints "
+             "(null picks it)")
 
 
 def kernel_problems(kernel: str, dtype: str, head_dims: dict[str, int], packed: bool,

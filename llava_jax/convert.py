@@ -10,6 +10,7 @@ read back with `llava_jax.model_params.load_model`, which also reads training ru
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,6 +18,7 @@ from typing import Any, Optional, Sequence
 import jax
 import orbax.checkpoint as ocp
 
+from llava_jax.anyres_grid import DEFAULT_GRID_PINPOINTS
 from llava_jax.config import Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, save_config
 from llava_jax.data.tokenizers import llava_tokenizer
 from llava_jax.hf import conform_params, load_hf_llava, load_hf_towers, save_hf_llava
@@ -84,8 +86,20 @@ def _towers(args: argparse.Namespace) -> None:
         args.vision, args.language, projector=args.projector, image_token_id=image_token_id,
         vocab_size=args.vocab_size, vision_feature_layer=args.vision_feature_layer,
         vision_feature_select_strategy=args.vision_feature_select_strategy, pixel_shuffle=args.pixel_shuffle,
-        rng=jax.random.key(args.seed), min_vocab_size=0 if tokenizer is None else len(tokenizer))
+        rng=jax.random.key(args.seed), min_vocab_size=0 if tokenizer is None else len(tokenizer),
+        grid_pinpoints=_grid_pinpoints(args))
     _convert(model_config, params, args.set, args.out, tokenizer)
+
+
+def _grid_pinpoints(args: argparse.Namespace) -> Optional[list]:
+    """--grid-pinpoints '[[h, w], ...]' (implies --anyres), --anyres alone: LLaVA-NeXT's defaults, else None."""
+    if args.grid_pinpoints:
+        try:
+            return json.loads(args.grid_pinpoints)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--grid-pinpoints {args.grid_pinpoints!r}: not JSON ({e}); e.g. '[[336, 672], "
+                             "[672, 336]]'") from e
+    return [list(p) for p in DEFAULT_GRID_PINPOINTS] if args.anyres else None
 
 
 def _jax_to_hf(args: argparse.Namespace) -> None:
@@ -119,7 +133,11 @@ def _parser() -> argparse.ArgumentParser:
                              "of 64: LLaMA's 32000 -> 32064, as llava-1.5-7b-hf)")
     towers.add_argument("--vision-feature-layer", type=int, default=-2)
     towers.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default")
-    towers.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
+    towers.add_argument("--anyres", action="store_true",
+                        help="a LLaVA-NeXT model: anyres images (LLaVA-NeXT's grid pinpoints) and a fresh image_newline")
+    towers.add_argument("--grid-pinpoints", default=None, metavar="JSON",
+                        help="anyres with these (height, width) pinpoints, e.g. '[[336, 672], [672, 336]]'")
+    towers.add_argument("--seed", type=int, default=0, help="projector (and image_newline) initialisation seed")
     towers.set_defaults(run=_towers)
 
     for command in (hf_to_jax, towers):

@@ -1,14 +1,15 @@
 """Hugging Face config dicts <-> ModelConfig, with transformers' config-class defaults filled in.
 
 Public surface: `model_config_from_hf(llava_config_dict) -> ModelConfig` and `hf_llava_config(config) -> dict`
-(LlavaConfig, for export); for stand-alone towers `vision_values(hf, prefix)` / `decoder_values(hf, prefix)`
-(our `model.vision` / `model.decoder` sections) and `validated(model_values) -> ModelConfig`. Anything we cannot
-reproduce exactly raises ValueError naming the HF key.
+(LlavaConfig, or LlavaNextConfig with model.anyres.enabled, for export); for stand-alone towers
+`vision_values(hf, prefix)` / `decoder_values(hf, prefix)` (our `model.vision` / `model.decoder` sections) and
+`validated(model_values) -> ModelConfig`. Anything we cannot reproduce exactly raises ValueError naming the HF key.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from llava_jax.anyres_grid import DEFAULT_GRID_PINPOINTS
 from llava_jax.config import ModelConfig, config_from_dict
 from llava_jax.hf.names import FULL_VISION_MODELS
 
@@ -130,29 +131,45 @@ def validated(values: dict) -> ModelConfig:
     return config_from_dict({"model": values, "data": {"max_images": 0}}).model
 
 
+def _anyres_values(hf: dict) -> dict:
+    """Our `model.anyres` section of a LlavaConfig (off) or LlavaNextConfig (on, with its pinpoints)."""
+    if hf["model_type"] == "llava":
+        return dict(enabled=False)
+    pinpoints = hf.get("image_grid_pinpoints") or DEFAULT_GRID_PINPOINTS
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pinpoints):
+        raise _unsupported("image_grid_pinpoints", pinpoints, "expected a list of [height, width] pairs")
+    return dict(enabled=True, grid_pinpoints=[[int(side) for side in p] for p in pinpoints])
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
-    """A transformers LlavaConfig dict -> ModelConfig; anything we cannot reproduce exactly raises ValueError."""
-    if hf.get("model_type") != "llava":
-        raise _unsupported("model_type", hf.get("model_type"), "expected 'llava' (LlavaForConditionalGeneration)")
+    """A transformers LlavaConfig / LlavaNextConfig dict -> ModelConfig (LlavaNext: model.anyres on); anything we
+    cannot reproduce exactly raises ValueError."""
+    if hf.get("model_type") not in ("llava", "llava_next"):
+        raise _unsupported("model_type", hf.get("model_type"), "expected 'llava' (LlavaForConditionalGeneration) or "
+                           "'llava_next' (LlavaNextForConditionalGeneration)")
     feature_layer = hf.get("vision_feature_layer", -2)
     if not isinstance(feature_layer, int):
         raise _unsupported("vision_feature_layer", feature_layer, "only a single feature layer is implemented")
     if hf.get("projector_hidden_act", "gelu") != "gelu":
         raise _unsupported("projector_hidden_act", hf["projector_hidden_act"], "the projector uses exact gelu")
     decoder = decoder_values({"model_type": "llama", **(hf.get("text_config") or {})}, "text_config.")
-    decoder["tie_embeddings"] |= bool(hf.get("tie_word_embeddings", False))
+    top_level_tie = bool(hf.get("tie_word_embeddings", False))
+    # LlavaConfig promotes text_config.tie_word_embeddings; LlavaNext (transformers 5) ties by the top-level flag only
+    decoder["tie_embeddings"] = top_level_tie or (decoder["tie_embeddings"] and hf["model_type"] == "llava")
     vision = {"model_type": "clip_vision_model", **(hf.get("vision_config") or _LLAVA_DEFAULT_VISION)}
     return validated(dict(
         vision=vision_values(vision, "vision_config."), decoder=decoder,
         projector=dict(type="mlp2x_gelu", bias=bool(hf.get("multimodal_projector_bias", True))),
         image_token_id=hf.get("image_token_id", hf.get("image_token_index", 32000)),
         vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default")))
+        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+        anyres=_anyres_values(hf)))
 
 
 def hf_llava_config(config: ModelConfig) -> dict:
-    """ModelConfig -> LlavaConfig dict. The vision tower is saved with exactly the layers we build, and the
-    features are its last hidden state (vision_feature_layer=-1), which is what our model computes."""
+    """ModelConfig -> LlavaConfig dict (LlavaNextConfig with model.anyres.enabled). The vision tower is saved with
+    exactly the layers we build, and the features are its last hidden state (vision_feature_layer=-1), which is
+    what our model computes."""
     v, d = config.vision, config.decoder
     vision = dict(model_type=f"{v.kind}_vision_model", hidden_size=v.hidden_size, intermediate_size=v.mlp_dim,
                   num_hidden_layers=config.vision_layers_used, num_attention_heads=v.num_heads,
@@ -166,8 +183,12 @@ def hf_llava_config(config: ModelConfig) -> dict:
                 rms_norm_eps=d.rms_norm_eps, max_position_embeddings=d.max_position_embeddings,
                 tie_word_embeddings=d.tie_embeddings, rope_theta=d.rope_theta,
                 rope_parameters=dict(rope_type="default", rope_theta=d.rope_theta))
-    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", vision_config=vision,
-                text_config=text, image_token_index=config.image_token_id, projector_hidden_act="gelu",
-                vision_feature_layer=-1, vision_feature_select_strategy=config.vision_feature_select_strategy,
-                multimodal_projector_bias=config.projector.bias, tie_word_embeddings=d.tie_embeddings,
-                image_seq_length=config.tokens_per_image, dtype="float32")
+    hf = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", vision_config=vision,
+              text_config=text, image_token_index=config.image_token_id, projector_hidden_act="gelu",
+              vision_feature_layer=-1, vision_feature_select_strategy=config.vision_feature_select_strategy,
+              multimodal_projector_bias=config.projector.bias, tie_word_embeddings=d.tie_embeddings,
+              image_seq_length=config.tokens_per_image, dtype="float32")
+    if config.anyres.enabled:
+        hf.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                  image_grid_pinpoints=[list(p) for p in config.anyres.grid_pinpoints])
+    return hf

@@ -22,6 +22,7 @@ MODULE_NAMES = (
     ("vision_tower/layers_{i}/self_attn/o_proj", "model.vision_tower.encoder.layers.{i}.self_attn.out_proj"),
     ("vision_tower/layers_{i}", "model.vision_tower.encoder.layers.{i}"),
     ("projector", "model.multi_modal_projector"),
+    ("image_newline", "model.image_newline"),
     ("language_model/lm_head", "lm_head"),
     ("language_model/layers_{i}", "model.language_model.layers.{i}"),
     ("language_model", "model.language_model"),
@@ -31,12 +32,14 @@ _MODULE_PATTERNS = [(re.compile(ours.replace("{i}", r"(?P<i>\d+)") + r"(?:/(?P<r
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 # Other layouts -> the transformers-5 one, applied in order: transformers 4.x (`language_model.model.*`,
-# `language_model.lm_head`, un-prefixed towers) and the nested `vision_model.` of CLIP/SigLIP vision models.
+# `language_model.lm_head`, un-prefixed towers, LlavaNext's `image_newline`) and the nested `vision_model.` of
+# CLIP/SigLIP vision models.
 _LEGACY_PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("language_model.model.", "model.language_model."),
     ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("image_newline", "model.image_newline"),
     ("model.vision_tower.vision_model.", "model.vision_tower."),
 )
 

@@ -122,8 +122,9 @@ def read_params(config: ModelConfig, checkpoint: Checkpoint, shapes: dict[str, t
 
 
 def load_hf_llava(path) -> tuple[ModelConfig, dict]:
-    """Reads a transformers LlavaForConditionalGeneration directory (config.json + safetensors, 4.x or 5.x key
-    layout, sharded or not) -> (ModelConfig, float32 numpy params shaped like `init_params(config)`)."""
+    """Reads a transformers LlavaForConditionalGeneration or LlavaNextForConditionalGeneration (model.anyres on)
+    directory (config.json + safetensors, 4.x or 5.x key layout, sharded or not) -> (ModelConfig, float32 numpy
+    params shaped like `init_params(config)`)."""
     path = Path(path)
     config = read_config(path / "config.json", model_config_from_hf)
     flat = read_params(config, Checkpoint(path, llava_name), per_layer_shapes(config))

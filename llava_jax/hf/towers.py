@@ -1,14 +1,15 @@
 """A fresh LLaVA (stage-1 start) from a stand-alone vision tower and a stand-alone language model.
 
 Public surface: `load_hf_towers(vision_dir, language_dir, ...) -> (ModelConfig, params)`, whose vocabulary is
-grown the way llava-1.5-*-hf's is (image token, room for a pad token, padded to a multiple of 64), and
-`init_projector(config, rng)` (freshly initialised projector params).
+grown the way llava-1.5-*-hf's is (image token, room for a pad token, padded to a multiple of 64; `grid_pinpoints`
+makes it a LLaVA-NeXT anyres model), `init_projector(config, rng)` (freshly initialised projector params) and
+`init_image_newline(config, rng)`.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,12 @@ def init_projector(config: ModelConfig, rng: jax.Array) -> dict:
     features = jnp.zeros((1, config.vision_tokens_per_image, config.vision.hidden_size), jnp.float32)
     params = nn.meta.unbox(Projector(config).init(rng, features)["params"])
     return jax.tree.map(np.asarray, params)
+
+
+def init_image_newline(config: ModelConfig, rng: jax.Array) -> np.ndarray:
+    """A fresh anyres `image_newline` [E] (float32 numpy), randn / sqrt(E) as transformers' LlavaNextModel."""
+    embed = config.decoder.hidden_size
+    return np.asarray(jax.random.normal(rng, (embed,), jnp.float32) * embed ** -0.5)
 
 
 def _vocabulary(language_dir: Path, original: int, vocab_size: Optional[int], image_token_id: Optional[int],
@@ -72,7 +79,8 @@ def _grow_vocabulary(flat: dict[str, np.ndarray], vocab_size: int) -> None:
 def load_hf_towers(vision_dir, language_dir, projector: str = "mlp2x_gelu", image_token_id: Optional[int] = None,
                    vocab_size: Optional[int] = None, vision_feature_layer: int = -2,
                    vision_feature_select_strategy: str = "default", rng: Optional[jax.Array] = None,
-                   pixel_shuffle: bool = False, min_vocab_size: int = 0) -> tuple[ModelConfig, dict]:
+                   pixel_shuffle: bool = False, min_vocab_size: int = 0,
+                   grid_pinpoints: Optional[Sequence[Sequence[int]]] = None) -> tuple[ModelConfig, dict]:
     """A fresh LLaVA from a CLIPVisionModel / SiglipVisionModel (or full CLIP / SigLIP) directory and a
     LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory; the projector is initialised from `rng`.
 
@@ -80,7 +88,8 @@ def load_hf_towers(vision_dir, language_dir, projector: str = "mlp2x_gelu", imag
     of 64, room for an image and a pad token, as in llava-1.5-7b-hf: 32000 -> 32064; at least `min_vocab_size`,
     the ids of the tokenizer that goes with it; an explicit value must be >= both). New embedding rows (and untied
     lm_head columns) are the mean of the existing ones. `image_token_id` defaults to V, the first new token; an
-    explicit one must lie in [0, vocab_size).
+    explicit one must lie in [0, vocab_size). `grid_pinpoints` ((height, width) pairs): model.anyres on with them,
+    and a fresh `image_newline` (LLaVA-NeXT).
     """
     vision_dir, language_dir = Path(vision_dir), Path(language_dir)
     vision_type, vision_values = read_config(vision_dir / "config.json", vision_model_values)
@@ -88,10 +97,13 @@ def load_hf_towers(vision_dir, language_dir, projector: str = "mlp2x_gelu", imag
     original_vocab_size = decoder["vocab_size"]
     decoder["vocab_size"], image_token_id = _vocabulary(language_dir, original_vocab_size, vocab_size,
                                                         image_token_id, min_vocab_size)
+    anyres = (dict(enabled=False) if grid_pinpoints is None
+              else dict(enabled=True, grid_pinpoints=[[int(side) for side in p] for p in grid_pinpoints]))
     config = validated(dict(vision=vision_values, decoder=decoder,
                             projector=dict(type=projector, pixel_shuffle=pixel_shuffle),
                             image_token_id=image_token_id, vision_feature_layer=vision_feature_layer,
-                            vision_feature_select_strategy=vision_feature_select_strategy))
+                            vision_feature_select_strategy=vision_feature_select_strategy,
+                            anyres=anyres))
     checkpoint_config = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder,
                                                                                 vocab_size=original_vocab_size))
     shapes = per_layer_shapes(checkpoint_config)
@@ -102,5 +114,11 @@ def load_hf_towers(vision_dir, language_dir, projector: str = "mlp2x_gelu", imag
         flat.update(read_params(checkpoint_config, Checkpoint(directory, rename), tower_shapes))
     _grow_vocabulary(flat, config.decoder.vocab_size)
     params = as_model_params(flat, config)
-    params["projector"] = init_projector(config, jax.random.key(0) if rng is None else rng)
+    rng = jax.random.key(0) if rng is None else rng
+    if grid_pinpoints is None:
+        params["projector"] = init_projector(config, rng)
+    else:
+        projector_rng, newline_rng = jax.random.split(rng)
+        params["projector"] = init_projector(config, projector_rng)
+        params["image_newline"] = init_image_newline(config, newline_rng)
     return config, params

@@ -1,4 +1,4 @@
-"""Writing llava-jax params as a transformers LlavaForConditionalGeneration directory.
+"""Writing llava-jax params as a transformers LlavaForConditionalGeneration directory (LlavaNext with anyres).
 
 Public surface: `save_hf_llava(config, params, out_dir)` -> config.json + model.safetensors (transformers-5 names).
 """
@@ -17,10 +17,11 @@ from llava_jax.hf.names import hf_name
 
 
 def save_hf_llava(config: ModelConfig, params: dict, out_dir) -> None:
-    """Writes config.json + model.safetensors (transformers-5 names) that LlavaForConditionalGeneration loads."""
+    """Writes config.json + model.safetensors (transformers-5 names) that LlavaForConditionalGeneration loads
+    (LlavaNextForConditionalGeneration when model.anyres.enabled)."""
     if config.projector.type != "mlp2x_gelu" or config.projector.pixel_shuffle:
-        raise ValueError(f"model.projector: LlavaForConditionalGeneration only has the mlp2x_gelu projector without "
-                         f"pixel shuffle, got {config.projector}")
+        raise ValueError(f"model.projector: LlavaForConditionalGeneration / LlavaNext only have the mlp2x_gelu "
+                         f"projector without pixel shuffle, got {config.projector}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     flat = flatten(unstack_layers(params))

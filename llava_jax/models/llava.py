@@ -1,9 +1,11 @@
 """LlavaModel: vision tower -> projector -> image features scattered into the token embeddings -> decoder.
 
 Public surface: `LlavaModel(config).apply({"params": p}, input_ids, pixel_values, attention_mask=None,
-image_mask=None, segment_ids=None, positions=None) -> logits [B, T, V] float32`; `init_params(config, rng)`;
-`check_image_tokens(...)`. Sample b's images fill its image-token positions in order, which equals transformers'
-masked_scatter when each sample holds exactly (real images x tokens_per_image) image tokens.
+image_mask=None, segment_ids=None, positions=None, image_feature_ids=None) -> logits [B, T, V] float32`;
+`init_params(config, rng)`; `check_image_tokens(...)`. Sample b's images fill its image-token positions in order,
+which equals transformers' masked_scatter when each sample holds exactly (real images x tokens_per_image) image
+tokens. With model.anyres.enabled (LLaVA-NeXT) `image_feature_ids` say which crop feature (or the learned
+`image_newline`) each image token gets (models/anyres_features.py; built by llava_jax.data.anyres_inputs).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.config import ModelConfig
+from llava_jax.models.anyres_features import check_feature_ids, merge_anyres_features
 from llava_jax.models.attention import check_trailing_padding
 from llava_jax.models.decoder import LanguageModel
 from llava_jax.models.projector import Projector
@@ -55,6 +58,12 @@ class LlavaModel(nn.Module):
         self.vision_tower = VisionTower(self.config)
         self.projector = Projector(self.config)
         self.language_model = LanguageModel(self.config)
+        if self.config.anyres.enabled:
+            # transformers' LlavaNextModel: randn(E) / sqrt(E)
+            embed = self.config.decoder.hidden_size
+            self.image_newline = self.param(
+                "image_newline", nn.with_logical_partitioning(nn.initializers.normal(embed ** -0.5), ("embed",)),
+                (embed,), jnp.float32)
 
     def encode_images(self, pixel_values: jax.Array, accumulator: Optional[dict] = None) -> jax.Array:
         """pixel_values [B, I, H, W, C] -> projected image features [B, I * tokens_per_image, E]."""
@@ -73,15 +82,26 @@ class LlavaModel(nn.Module):
                  attention_mask: Optional[jax.Array] = None, image_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
                  return_hidden: bool = False, cache_length: Optional[int] = None,
-                 grad_accumulators: Optional[dict] = None) -> jax.Array:
+                 grad_accumulators: Optional[dict] = None, image_feature_ids: Optional[jax.Array] = None) -> jax.Array:
         """input_ids [B, T] int32 (images pre-expanded), pixel_values [B, I, H, W, 3] or None,
         attention_mask [B, T] (1 = real token), image_mask [B, I] (1 = real image; real images first),
         segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T]. Host inputs are
         checked (image-token counts; with model.attention=cudnn, right padding) before anything runs.
         `cache_length`: run on the decoder's KV cache (see `LanguageModel`; llava_jax.generate drives it).
         `grad_accumulators`: {"language_model" / "vision_tower": the gradients so far of that part's layer stack}
-        (train step, gradient accumulation): their weight gradients come back added into them in place."""
+        (train step, gradient accumulation): their weight gradients come back added into them in place.
+        anyres (model.anyres.enabled): pixel_values [B, I, C, H, W, 3] (C = model.crops_per_image, an image's crops
+        in anyres_crops order, zero-padded) and image_feature_ids [B, T] int32 (-1 text, -2 image_newline, k >= 0
+        row k of the row's crop table, image i / crop c / patch p at (i * C + c) * tokens_per_image + p). Without
+        image_feature_ids the inputs are LLaVA-1.5's (an anyres model's `image_newline` is simply not read)."""
         accumulators = grad_accumulators or {}
+        anyres = image_feature_ids is not None
+        crop_axis = pixel_values is not None and pixel_values.ndim == 6
+        if anyres != crop_axis or (anyres and not self.config.anyres.enabled):
+            raise ValueError("anyres inputs are pixel_values [B, I, C, H, W, 3] with image_feature_ids and "
+                             f"model.anyres.enabled=true; got pixel_values of rank "
+                             f"{None if pixel_values is None else pixel_values.ndim}, image_feature_ids "
+                             f"{'given' if anyres else 'None'}, model.anyres.enabled={self.config.anyres.enabled}")
         num_images = 0 if pixel_values is None else pixel_values.shape[1]
         batch, length = input_ids.shape
         if segment_ids is None:
@@ -89,18 +109,35 @@ class LlavaModel(nn.Module):
                            else attention_mask.astype(jnp.int32))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        if not isinstance(input_ids, jax.core.Tracer):
+        if anyres and not isinstance(input_ids, jax.core.Tracer) and not isinstance(image_feature_ids, jax.core.Tracer):
+            table_rows = num_images * self.config.crops_per_image * self.config.tokens_per_image
+            check_feature_ids(input_ids, image_feature_ids, table_rows, self.config.image_token_id)
+        elif not anyres and not isinstance(input_ids, jax.core.Tracer):
             check_image_tokens(input_ids, image_mask, num_images, self.config)
         if self.config.attention == "cudnn" and cache_length is None and not isinstance(segment_ids, jax.core.Tracer):
             check_trailing_padding(segment_ids)
         embeds = self.language_model.embed(input_ids)
-        if num_images:
+        if anyres:
+            embeds = self._merge_anyres(embeds, pixel_values, image_feature_ids, accumulators.get("vision_tower"))
+        elif num_images:
             is_image = input_ids == self.config.image_token_id
             features = self.encode_images(pixel_values, accumulators.get("vision_tower"))
             embeds = merge_image_features(embeds, features, is_image)
         hidden = self.language_model(embeds, positions, segment_ids, cache_length,
                                      accumulators.get("language_model"))
         return hidden if return_hidden else self.language_model.logits(hidden)
+
+    def _merge_anyres(self, embeds: jax.Array, pixel_values: jax.Array, image_feature_ids: jax.Array,
+                      accumulator: Optional[dict]) -> jax.Array:
+        """LLaVA-NeXT: all B*I*C crops through the tower + projector (padded crops too; nothing reads them), then
+        each image token takes the row of its crop table (or image_newline) that image_feature_ids names."""
+        batch, num_images, num_crops = pixel_values.shape[:3]
+        if num_crops != self.config.crops_per_image:
+            raise ValueError(f"pixel_values has {num_crops} crops per image, model.crops_per_image is "
+                             f"{self.config.crops_per_image} (model.anyres.max_crops)")
+        crops = pixel_values.reshape(batch, num_images * num_crops, *pixel_values.shape[3:])
+        features = self.encode_images(crops, accumulator)                                    # [B, I*C*P, E]
+        return merge_anyres_features(embeds, features, self.image_newline, image_feature_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)
@@ -113,7 +150,8 @@ def head_params(params: dict, config: ModelConfig) -> dict:
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Smallest (input_ids, pixel_values) that touch every parameter: one image per sample."""
+    """Smallest (input_ids, pixel_values) that touch every parameter: one image per sample (anyres's
+    `image_newline` is made in setup, whatever the inputs)."""
     v = config.vision
     input_ids = jnp.full((batch, config.tokens_per_image), config.image_token_id, jnp.int32)
     pixels = jnp.zeros((batch, 1, v.image_size, v.image_size, v.num_channels), jnp.float32)
