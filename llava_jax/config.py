@@ -170,6 +170,9 @@ class DataConfig:
     image_placement: Literal["keep", "front"] = "keep"   # front: "<image>\n" + text, as LLaVA-1.5 preprocesses
     max_length: int = 2048
     max_images: int = 1
+    # model.anyres: a sample with several images gives each its base crop alone (1 crop: tokens_per_image tokens and
+    # one image_newline), as LLaVA-OneVision does, or the full anyres crops; a record's "image_mode" overrides it
+    anyres_multi_image: Literal["base", "anyres"] = "base"
     pack: Union[bool, Literal["auto"]] = False     # auto: pack when the attention kernel takes segments
     image_aspect: Literal["pad", "resize", "center_crop"] = "pad"
     image_mean: Optional[tuple[float, float, float]] = None
@@ -521,7 +524,8 @@ def attention_head_dims(m: ModelConfig) -> dict[str, int]:
 def _validate_attention(c: Config) -> None:
     """The limits of the kernel `model.attention` names, for both towers (`kernel_problems`)."""
     m = c.model
-    for key, why in kernel_problems(m.attention, m.dtype, attention_head_dims(m), c.data.pack is True, c.data.max_length):
+    problems = kernel_problems(m.attention, m.dtype, attention_head_dims(m), c.data.pack is True, c.data.max_length)
+    for key, why in problems:
         _require(False, key, why)
 
 
@@ -543,9 +547,20 @@ def _validate_data(c: Config) -> None:
     _require(d.max_length > 0, "data.max_length", "must be positive")
     _require(d.max_images >= 0, "data.max_images", "must be >= 0")
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
-    _require(d.max_images * c.model.tokens_per_image <= d.max_length, "data.max_length",
-             f"{d.max_length} cannot hold data.max_images={d.max_images} images of "
-             f"{c.model.tokens_per_image} tokens each")
+    m = c.model
+    if not m.anyres.enabled:
+        _require(d.max_images * m.tokens_per_image <= d.max_length, "data.max_length",
+                 f"{d.max_length} cannot hold data.max_images={d.max_images} images of {m.tokens_per_image} tokens "
+                 "each")
+    elif d.max_images > 0:
+        # anyres: one image takes up to model.max_tokens_per_image; several are base-only (tokens_per_image + 1
+        # each) unless data.anyres_multi_image=anyres
+        multi = m.max_tokens_per_image if d.anyres_multi_image == "anyres" else m.tokens_per_image + 1
+        need = max(m.max_tokens_per_image, d.max_images * multi if d.max_images > 1 else 0)
+        _require(need <= d.max_length, "data.max_length",
+                 f"{d.max_length} cannot hold {need} image tokens: one anyres image takes up to "
+                 f"model.max_tokens_per_image={m.max_tokens_per_image}, data.max_images={d.max_images} "
+                 f"{d.anyres_multi_image} images {multi} each (data.anyres_multi_image)")
     for name in ("synthetic_size", "synthetic_eval_size", "bad_fraction_min_samples"):
         _require(getattr(d, name) > 0, f"data.{name}", "must be positive")
     for name in ("num_threads", "num_workers", "prefetch"):

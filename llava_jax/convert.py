@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     towers.add_argument("--vision-feature-layer", type=int, default=-2)
     towers.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default")
     towers.add_argument("--anyres", action="store_true",
-                        help="a LLaVA-NeXT model: anyres images (LLaVA-NeXT's grid pinpoints) and a fresh image_newline")
+                        help="a LLaVA-NeXT model: anyres images (its default grid pinpoints), a fresh image_newline")
     towers.add_argument("--grid-pinpoints", default=None, metavar="JSON",
                         help="anyres with these (height, width) pinpoints, e.g. '[[336, 672], [672, 336]]'")
     towers.add_argument("--seed", type=int, default=0, help="projector (and image_newline) initialisation seed")

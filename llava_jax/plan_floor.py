@@ -14,7 +14,8 @@ Public surface: `memory_floor(setup) -> {"bytes": int, "parts": {name: bytes}}` 
                          of each layer (the scan carry, i.e. the residual stream) for this device's micro-batch in the
                          compute dtype: L_dec x rows x T x E_dec x bytes(model.dtype). Gradients always flow back
                          through the decoder (every stage trains the projector or the language model).
-    vision_activations   likewise L_vis x rows x I x N x E_vis x bytes(model.dtype), only when the vision tower
+    vision_activations   likewise L_vis x rows x I x C x N x E_vis x bytes(model.dtype) (C = model.crops_per_image:
+                         1, or anyres's crop slots), only when the vision tower
                          trains: a frozen tower runs forward only (stop_gradient on its output) and keeps nothing.
 
 rows = rows of one accumulation micro-batch per data-parallel replica (train.batch_size / grad_accum_steps /
@@ -45,7 +46,8 @@ def activation_bytes(config: Config, replicas: int, vision_trains: bool) -> dict
     itemsize = jnp.dtype(m.dtype).itemsize
     decoder = m.decoder.num_layers * rows * config.data.max_length * m.decoder.hidden_size * itemsize
     tokens = m.vision.num_patches + int(m.vision.has_class_token)
-    vision = m.vision_layers_used * rows * config.data.max_images * tokens * m.vision.hidden_size * itemsize
+    crops = config.data.max_images * m.crops_per_image
+    vision = m.vision_layers_used * rows * crops * tokens * m.vision.hidden_size * itemsize
     return {"decoder_activations": decoder, "vision_activations": vision if vision_trains else 0}
 
 

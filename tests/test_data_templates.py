@@ -142,3 +142,17 @@ def test_a_conversation_the_chat_template_refuses_is_a_bad_sample(tiny_config, r
     encoder = ExampleEncoder(config, make_tokenizer(config.data, config.model))
     with pytest.raises(BadSample, match="malformed_record.*refuses the conversation"):
         encoder.tokens(Example("s", [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")]))
+
+
+def test_per_image_token_counts_expand_each_image_in_one_pass():
+    tokenizer = ByteTokenizer(IMAGE)
+    conversation = TEMPLATES["plain"].render([("user", "<image>a<image>\nQ?"), ("assistant", "A")], tokenizer)
+    ids, mask = encode(conversation, tokenizer, [2, 5])
+    single_ids, single_mask = encode(conversation, tokenizer, 1)
+    first, second = np.flatnonzero(single_ids == IMAGE)
+    assert (ids == IMAGE).sum() == 7 and ids[first:first + 2].tolist() == [IMAGE] * 2
+    assert ids[first + 2] == ord("a") and ids[first + 3:first + 8].tolist() == [IMAGE] * 5
+    assert mask.sum() == single_mask.sum() and not mask[ids == IMAGE].any()
+    np.testing.assert_array_equal(ids[ids != IMAGE], single_ids[single_ids != IMAGE])
+    with pytest.raises(ValueError, match="2 image token.*3 per-image token counts"):
+        encode(conversation, tokenizer, [2, 5, 1])

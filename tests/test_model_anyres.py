@@ -275,7 +275,7 @@ def test_towers_with_pinpoints_start_an_anyres_model(tmp_path):
 # -------------------------------------------------------------------------------------------- config / inputs
 
 def anyres_config(*overrides):
-    return load_config(None, TINY_MODEL + ["model.anyres.enabled=true",
+    return load_config(None, TINY_MODEL + ["model.anyres.enabled=true", "data.max_length=128",
                                            f"model.anyres.grid_pinpoints={PINPOINTS}", *overrides]).model
 
 

@@ -5,7 +5,7 @@ from llava_jax.config import load_config
 from llava_jax.runtime import choose_kernel, packs, resolve_auto
 
 PRESETS = ["configs/llava15_7b_stage1.yaml", "configs/llava15_7b_stage2.yaml", "configs/llava15_13b_stage1.yaml",
-           "configs/llava15_13b_stage2.yaml"]
+           "configs/llava15_13b_stage2.yaml", "configs/llava_next_7b_stage2.yaml"]
 
 
 @pytest.mark.parametrize("backend, kernel, pack", [("tpu", "splash", True), ("gpu", "cudnn", False),

@@ -1,10 +1,16 @@
 """LLaVA-NeXT anyres model inputs on the host: crops, expanded image tokens and the `image_feature_ids` that tell
 the model (models/anyres_features.py) which crop feature or image_newline each image token takes.
 
-Public surface: `AnyresSample(token_ids, images)`; `image_layout(size_hw, config)`; `expand_image_tokens(token_ids,
-image_sizes_hw, config)`; `image_feature_ids(input_ids, image_sizes_hw, config, num_images)`; `crop_pixels(images,
-config, num_images)`; `anyres_batch(rows, config, length, num_images, mean, std)` (a row is one sample or several
-packed ones, whose images are stacked along the image axis: their ids are only offset by the image slot).
+Public surface: `AnyresSample(token_ids, images, base_only)`; `image_layout(size_hw, config)`;
+`image_token_count(size_hw, config, base_only)`; `image_rows(size_hw, config, base_only)`; `image_crops(image, config,
+base_only)`; `expand_image_tokens(token_ids, image_sizes_hw, config, base_only)`; `image_feature_ids(input_ids,
+image_sizes_hw, config, num_images, first_image, base_only)`; `crop_pixels(images, config, num_images, base_only)`;
+`anyres_batch(rows, config, length, num_images, mean, std)` (a row is one sample or several packed ones, whose images
+are stacked along the image axis: their ids are only offset by the image slot).
+A "base-only" image (OneVision's multi-image mode; data.anyres_multi_image) is its base crop alone: 1 crop,
+tokens_per_image tokens (the base crop's rows), then one image_newline, as transformers' pack_image_features does
+for an image of a single crop. Crops are padded with black (0), as
+LlavaNextImageProcessor pads before normalising.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ class AnyresSample:
     in the order their tokens appear."""
     token_ids: np.ndarray
     images: Sequence[Image.Image] = ()
+    base_only: Sequence[bool] = ()        # per image (empty: every image anyres)
 
 
 def _require_anyres(config: ModelConfig) -> None:
@@ -47,21 +54,57 @@ def _size_hw(image: Image.Image) -> tuple[int, int]:
     return image.size[1], image.size[0]
 
 
-def expand_image_tokens(token_ids, image_sizes_hw: Sequence[Sequence[int]], config: ModelConfig) -> np.ndarray:
-    """int32 ids where the k-th image token (one `<image>` per image) becomes image k's `num_tokens` copies, as
-    LlavaNextProcessor expands them."""
+def _flags(base_only: Optional[Sequence[bool]], count: int) -> list[bool]:
+    flags = [False] * count if base_only is None or len(base_only) == 0 else [bool(b) for b in base_only]
+    if len(flags) != count:
+        raise ValueError(f"base_only has {len(flags)} entries for {count} image(s)")
+    return flags
+
+
+def image_token_count(size_hw: Sequence[int], config: ModelConfig, base_only: bool = False) -> int:
+    """LLM tokens of one image: its anyres layout's num_tokens, or tokens_per_image + 1 when base-only (the base
+    crop's features, then one image_newline: transformers' pack_image_features for a single crop)."""
+    return config.tokens_per_image + 1 if base_only else image_layout(size_hw, config).num_tokens
+
+
+def image_rows(size_hw: Sequence[int], config: ModelConfig, base_only: bool = False) -> np.ndarray:
+    """int32 [image_token_count]: rows of ONE image's crop table ([C * P], crop c / patch p at c * P + p) its tokens
+    take in order, NEWLINE for image_newline; a base-only image takes the base crop's rows 0..P-1, then NEWLINE."""
+    if base_only:
+        _require_anyres(config)
+        return np.append(np.arange(config.tokens_per_image, dtype=np.int32), np.int32(NEWLINE))
+    return image_layout(size_hw, config).gather_indices(NEWLINE)
+
+
+def image_crops(image: Image.Image, config: ModelConfig, base_only: bool = False) -> np.ndarray:
+    """uint8 [n, S, S, 3]: the RGB image's anyres crops (base first, then the tiles row-major, black padding), or its
+    base crop alone (n = 1) when base-only."""
+    _require_anyres(config)
+    size = config.vision.image_size
+    image = image.convert("RGB")
+    if base_only:
+        return np.asarray(image.resize((size, size), Image.BICUBIC))[None]
+    return np.stack([np.asarray(crop) for crop in anyres_crops(image, config.anyres.grid_pinpoints, size)])
+
+
+def expand_image_tokens(token_ids, image_sizes_hw: Sequence[Sequence[int]], config: ModelConfig,
+                        base_only: Optional[Sequence[bool]] = None) -> np.ndarray:
+    """int32 ids where the k-th image token (one `<image>` per image) becomes image k's `image_token_count` copies,
+    as LlavaNextProcessor expands them."""
     token_ids = np.asarray(token_ids)
     where = np.flatnonzero(token_ids == config.image_token_id)
     if len(where) != len(image_sizes_hw):
         raise ValueError(f"{len(where)} image token(s) (model.image_token_id={config.image_token_id}) for "
                          f"{len(image_sizes_hw)} image(s); put one <image> per image")
     counts = np.ones(len(token_ids), np.int64)
-    counts[where] = [image_layout(size, config).num_tokens for size in image_sizes_hw]
+    flags = _flags(base_only, len(image_sizes_hw))
+    counts[where] = [image_token_count(size, config, base) for size, base in zip(image_sizes_hw, flags)]
     return np.repeat(token_ids, counts).astype(np.int32)
 
 
 def image_feature_ids(input_ids, image_sizes_hw: Sequence[Sequence[int]], config: ModelConfig,
-                      num_images: int, first_image: int = 0) -> np.ndarray:
+                      num_images: int, first_image: int = 0, base_only: Optional[Sequence[bool]] = None
+                      ) -> np.ndarray:
     """int32 [T] for one row: -1 (text) off the image tokens; on them, in order, each image's tokens in
     pack_image_features order as rows of the row's crop table (image slot i = first_image + k, crop c, patch p ->
     (i * C + c) * P + p) or -2 (image_newline). `num_images` is the image axis I of pixel_values."""
@@ -71,8 +114,8 @@ def image_feature_ids(input_ids, image_sizes_hw: Sequence[Sequence[int]], config
         raise ValueError(f"{first_image + len(image_sizes_hw)} images do not fit the {num_images} image slots "
                          "(the image axis of pixel_values)")
     pieces = []
-    for k, size in enumerate(image_sizes_hw):
-        rows = image_layout(size, config).gather_indices(NEWLINE)
+    for k, (size, base) in enumerate(zip(image_sizes_hw, _flags(base_only, len(image_sizes_hw)))):
+        rows = image_rows(size, config, base)
         pieces.append(np.where(rows == NEWLINE, NEWLINE, rows + (first_image + k) * crops * tokens))
     features = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     is_image = input_ids == config.image_token_id
@@ -85,7 +128,8 @@ def image_feature_ids(input_ids, image_sizes_hw: Sequence[Sequence[int]], config
     return ids
 
 
-def crop_pixels(images: Sequence[Image.Image], config: ModelConfig, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+def crop_pixels(images: Sequence[Image.Image], config: ModelConfig, num_images: int,
+                base_only: Optional[Sequence[bool]] = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [num_images, C, S, S, 3] crops in anyres_crops order, zero-padded; int32 [num_images, C] crop mask)
     of RGB `images` (at most num_images); C = model.crops_per_image."""
     _require_anyres(config)
@@ -94,10 +138,10 @@ def crop_pixels(images: Sequence[Image.Image], config: ModelConfig, num_images: 
     size, crops = config.vision.image_size, config.crops_per_image
     pixels = np.zeros((num_images, crops, size, size, 3), np.uint8)
     mask = np.zeros((num_images, crops), np.int32)
-    for i, image in enumerate(images):
-        image_crops = anyres_crops(image.convert("RGB"), config.anyres.grid_pinpoints, size)
-        pixels[i, :len(image_crops)] = np.stack([np.asarray(crop) for crop in image_crops])
-        mask[i, :len(image_crops)] = 1
+    for i, (image, base) in enumerate(zip(images, _flags(base_only, len(images)))):
+        crops_i = image_crops(image, config, base)
+        pixels[i, :len(crops_i)] = crops_i
+        mask[i, :len(crops_i)] = 1
     return pixels, mask
 
 
@@ -119,7 +163,7 @@ def anyres_batch(rows: Sequence[Union[AnyresSample, Sequence[AnyresSample]]], co
     pixels = []
     for b, row in enumerate(rows):
         samples = [row] if isinstance(row, AnyresSample) else list(row)
-        start, images = 0, []
+        start, images, base_only = 0, [], []
         for segment, sample in enumerate(samples, start=1):
             ids = np.asarray(sample.token_ids, np.int32)
             end = start + len(ids)
@@ -128,11 +172,14 @@ def anyres_batch(rows: Sequence[Union[AnyresSample, Sequence[AnyresSample]]], co
             out["input_ids"][b, start:end] = ids
             out["segment_ids"][b, start:end] = segment
             out["positions"][b, start:end] = np.arange(len(ids))
+            flags = _flags(sample.base_only, len(sample.images))
             out["image_feature_ids"][b, start:end] = image_feature_ids(
-                ids, [_size_hw(image) for image in sample.images], config, num_images, first_image=len(images))
+                ids, [_size_hw(image) for image in sample.images], config, num_images, first_image=len(images),
+                base_only=flags)
             images += list(sample.images)
+            base_only += flags
             start = end
-        row_pixels, crop_mask = crop_pixels(images, config, num_images)
+        row_pixels, crop_mask = crop_pixels(images, config, num_images, base_only)
         pixels.append(np.asarray(normalize_pixels(row_pixels, crop_mask, mean, std)))
         out["image_mask"][b, :len(images)] = 1
     out["pixel_values"] = np.stack(pixels)

@@ -1,11 +1,21 @@
 """One example from any source -> model inputs: a training sample or an evaluation prompt.
 
-Public surface: `Example` (what every source yields) and `ExampleEncoder(config, tokenizer)` with
+Public surface: `Example` (what every source yields), `IMAGE_MODES` and `ExampleEncoder(config, tokenizer)` with
 `tokens(example)` (input_ids, loss_mask), `sample(example)` (+ uint8 pixel_values [k, S, S, 3], image_mask [k],
-"_id") and `eval_example(example)` (float32 pixel_values, normalised with `images.normalize_pixels`), and
+"_id"), `eval_example(example)` (float32 pixel_values, normalised with `images.normalize_pixels`) and
+`base_only(example)` (anyres image modes), and
 `place_images(turns, placement)` (data.image_placement). `sample` and `eval_example` raise BadSample for malformed
 conversations, <image>/image count mismatches, too many images, too long sequences and unreadable images (checked
 in that order, so images are decoded last).
+With model.anyres.enabled (LLaVA-NeXT / OneVision) each <image> expands to its own token count, so the image sizes
+are read from the image headers (`images.image_size_hw`, no decoding) before tokenizing: a missing or unreadable
+header is a bad sample before "too_long"; the pixels are still decoded last. `sample` gives pixel_values uint8
+[k, C, S, S, 3] (C = model.crops_per_image, anyres crops zero-padded) and image_feature_ids int32 [L]
+(llava_jax.data.anyres_inputs: -1 text, -2 image_newline, else the row of the sample's crop table). Image modes:
+"anyres" (base + tiles + newlines) or "base" (the base crop alone: 1 crop, tokens_per_image tokens + one newline).
+`Example.image_mode` sets a record's; otherwise a single image is anyres and several are data.anyres_multi_image
+(default "base", as LLaVA-OneVision treats multi-image samples). Crops are padded black as LlavaNextImageProcessor
+pads them (data.image_aspect does not apply).
 """
 from __future__ import annotations
 
@@ -14,8 +24,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from llava_jax.data import anyres_inputs
 from llava_jax.data.bad_samples import BadSample
-from llava_jax.data.images import ImageProcessor
+from llava_jax.data.images import ImageProcessor, image_size_hw, open_image
 from llava_jax.data.sequences import fit_length
 from llava_jax.data.templates import IMAGE_PLACEHOLDER, check_template, encode, get_template
 from llava_jax.data.tokenizers import ChatTemplateError
@@ -27,6 +38,10 @@ class Example:
     turns: list[tuple[str, str]]                          # (role, text); roles: system, user, assistant
     images: list[Any] = field(default_factory=list)       # references for images.open_image, in <image> order
     answers: Optional[list[str]] = None                    # references for evaluation (default: the last answer)
+    image_mode: Optional[str] = None                       # anyres only: "anyres" | "base" (None: config's choice)
+
+
+IMAGE_MODES = ("anyres", "base")
 
 
 def validate_turns(example: Example) -> None:
@@ -79,6 +94,9 @@ class ExampleEncoder:
         self.max_images = config.data.max_images
         self.image_size = config.model.vision.image_size
         self.images = ImageProcessor(config)
+        self.model = config.model
+        self.anyres = config.model.anyres.enabled
+        self.multi_image_mode = config.data.anyres_multi_image
         check_template(self.template, tokenizer, self.tokens_per_image)
 
     def _check(self, example: Example) -> None:
@@ -90,6 +108,59 @@ class ExampleEncoder:
         if len(example.images) > self.max_images:
             raise BadSample("too_many_images", f"{len(example.images)} images > data.max_images="
                             f"{self.max_images}", example.id)
+        if example.image_mode is not None and example.image_mode not in IMAGE_MODES:
+            raise BadSample("malformed_record", f"image_mode {example.image_mode!r} is not one of {IMAGE_MODES}",
+                            example.id)
+
+    def base_only(self, example: Example) -> list[bool]:
+        """Per image: True when it is its base crop alone (anyres only; see the module docstring)."""
+        if not self.anyres:
+            return [False] * len(example.images)
+        mode = example.image_mode or (self.multi_image_mode if len(example.images) > 1 else "anyres")
+        return [mode == "base"] * len(example.images)
+
+    def _image_sizes(self, example: Example) -> list[tuple[int, int]]:
+        """(height, width) of each image from its header (anyres token counts); BadSample names the example."""
+        sizes = []
+        for ref in example.images:
+            try:
+                sizes.append(image_size_hw(ref))
+            except BadSample as bad:
+                bad.example_id = example.id
+                raise
+        return sizes
+
+    def _encode(self, render, example: Example):
+        """(ids, mask, image sizes (anyres) or None, base_only flags) of the rendered conversation."""
+        turns = place_images(example.turns, self.image_placement)
+        conversation = self._render(render, turns, example)
+        if not self.anyres:
+            ids, mask = encode(conversation, self.tokenizer, self.tokens_per_image)
+            return ids, mask, None, None
+        sizes, flags = self._image_sizes(example), self.base_only(example)
+        counts = [anyres_inputs.image_token_count(size, self.model, base) for size, base in zip(sizes, flags)]
+        try:
+            ids, mask = encode(conversation, self.tokenizer, counts)
+        except ValueError as error:
+            raise BadSample("image_count_mismatch", str(error), example.id) from None
+        return ids, mask, sizes, flags
+
+    def _anyres_pixels(self, example: Example, sizes, flags, slots: int) -> np.ndarray:
+        """uint8 [slots, C, S, S, 3]: each image's crops (zero-padded along C), zeros after the example's images."""
+        size = self.image_size
+        pixels = np.zeros((slots, self.model.crops_per_image, size, size, 3), np.uint8)
+        for k, (ref, size_hw, base) in enumerate(zip(example.images, sizes, flags)):
+            try:
+                image = open_image(ref)
+            except BadSample as bad:
+                bad.example_id = example.id
+                raise
+            if (image.height, image.width) != tuple(size_hw):
+                raise BadSample("corrupt_image", f"image {k} decodes to {image.height}x{image.width}, its header "
+                                f"says {size_hw[0]}x{size_hw[1]}", example.id)
+            crops = anyres_inputs.image_crops(image, self.model, base)
+            pixels[k, :len(crops)] = crops
+        return pixels
 
     def _pixels(self, example: Example, slots: int) -> np.ndarray:
         """uint8 [slots, S, S, 3]: the example's images first, zeros after."""
@@ -108,36 +179,53 @@ class ExampleEncoder:
         except ChatTemplateError as error:
             raise BadSample("malformed_record", str(error), example.id) from None
 
+    def _tokens(self, example: Example):
+        self._check(example)
+        ids, mask, sizes, flags = self._encode(self.template.render, example)
+        ids, mask = fit_length(ids, mask, self.max_length, self.tokenizer.image_token_id, example.id)
+        return ids, mask, sizes, flags
+
     def tokens(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
         """input_ids int32 [L] and loss_mask float32 [L] (L <= data.max_length) of a training sample; no image
-        is read."""
-        self._check(example)
-        turns = place_images(example.turns, self.image_placement)
-        ids, mask = encode(self._render(self.template.render, turns, example), self.tokenizer,
-                           self.tokens_per_image)
-        return fit_length(ids, mask, self.max_length, self.tokenizer.image_token_id, example.id)
+        is decoded (anyres reads the image headers)."""
+        ids, mask, _, _ = self._tokens(example)
+        return ids, mask
 
     def sample(self, example: Example) -> dict[str, Any]:
         """A training sample: `tokens` (input_ids, loss_mask), pixel_values uint8 [k, S, S, 3] (normalised on
-        device by the train step), image_mask int32 [k] (k = the example's images) and "_id"."""
-        ids, mask = self.tokens(example)
+        device by the train step), image_mask int32 [k] (k = the example's images) and "_id". anyres:
+        pixel_values uint8 [k, C, S, S, 3] and image_feature_ids int32 [L] (image j's rows at j * C * P + ...)."""
+        ids, mask, sizes, flags = self._tokens(example)
         num_images = len(example.images)
-        return {"input_ids": ids, "loss_mask": mask, "pixel_values": self._pixels(example, num_images),
-                "image_mask": np.ones(num_images, np.int32), "_id": example.id}
+        if not self.anyres:
+            return {"input_ids": ids, "loss_mask": mask, "pixel_values": self._pixels(example, num_images),
+                    "image_mask": np.ones(num_images, np.int32), "_id": example.id}
+        feature_ids = anyres_inputs.image_feature_ids(ids, sizes, self.model, num_images, base_only=flags)
+        pixels = self._anyres_pixels(example, sizes, flags, num_images)
+        return {"input_ids": ids, "loss_mask": mask, "pixel_values": pixels,
+                "image_mask": np.ones(num_images, np.int32), "image_feature_ids": feature_ids, "_id": example.id}
 
     def eval_example(self, example: Example) -> dict[str, Any]:
         """id, prompt_ids int32 [L] (up to where the last answer starts), pixel_values float32 [I, S, S, 3]
         (`images.normalize_pixels`: zeros where there is no image), image_mask int32 [I] (I = data.max_images)
-        and answers (reference texts)."""
+        and answers (reference texts). anyres: pixel_values float32 [I, C, S, S, 3] (padded crops 0) and
+        image_feature_ids int32 [L]."""
         self._check(example)
-        turns = place_images(example.turns, self.image_placement)
-        prompt_ids, _ = encode(self._render(self.template.prompt, turns, example), self.tokenizer,
-                               self.tokens_per_image)
+        prompt_ids, _, sizes, flags = self._encode(self.template.prompt, example)
         if len(prompt_ids) > self.max_length:
             raise BadSample("too_long", f"the prompt has {len(prompt_ids)} tokens > data.max_length="
                             f"{self.max_length}", example.id)
         image_mask = np.zeros(self.max_images, np.int32)
         image_mask[:len(example.images)] = 1
-        pixel_values = self.images.normalize(self._pixels(example, self.max_images), image_mask)
-        return {"id": example.id, "prompt_ids": prompt_ids, "pixel_values": pixel_values, "image_mask": image_mask,
-                "answers": list(example.answers or [example.turns[-1][1]])}
+        out = {"id": example.id, "prompt_ids": prompt_ids}
+        if not self.anyres:
+            out["pixel_values"] = self.images.normalize(self._pixels(example, self.max_images), image_mask)
+        else:
+            crop_mask = np.zeros((self.max_images, self.model.crops_per_image), np.int32)
+            for k, (size, base) in enumerate(zip(sizes, flags)):
+                crop_mask[k, :1 if base else anyres_inputs.image_layout(size, self.model).num_crops] = 1
+            pixels = self._anyres_pixels(example, sizes, flags, self.max_images)
+            out["pixel_values"] = self.images.normalize(pixels, crop_mask)
+            out["image_feature_ids"] = anyres_inputs.image_feature_ids(prompt_ids, sizes, self.model,
+                                                                       self.max_images, base_only=flags)
+        return {**out, "image_mask": image_mask, "answers": list(example.answers or [example.turns[-1][1]])}

@@ -1,6 +1,7 @@
 """Images: decode (file path, encoded bytes, array or PIL image) -> RGB -> square -> tower size -> normalised.
 
-Public surface: `open_image(ref) -> PIL RGB image` (raises BadSample), `to_rgb(image)`, `image_stats(config)`,
+Public surface: `open_image(ref) -> PIL RGB image` (raises BadSample), `image_size_hw(ref)` (header only: anyres
+counts an image's tokens before decoding it), `to_rgb(image)`, `image_stats(config)`,
 `normalize_pixels(pixels, image_mask, mean, std)` (THE normalisation: jitted train step, evaluation, generation),
 `ImageProcessor(config)`: `(ref) -> uint8 [S, S, 3]` and `.normalize(pixels, image_mask) -> float32`.
 Training batches carry uint8 pixels (4x less to copy on the host and to send to devices); the train step
@@ -39,12 +40,14 @@ def image_stats(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def normalize_pixels(pixels, image_mask, mean, std) -> jnp.ndarray:
-    """uint8 pixels [..., I, S, S, 3] -> float32 (pixels / 255 - mean) / std per channel; image slots whose
-    image_mask [..., I] is 0 (no image) become exactly 0. Works inside jit and on host (numpy) arrays."""
+    """uint8 pixels [..., I, S, S, 3] (anyres: [..., I, C, S, S, 3]) -> float32 (pixels / 255 - mean) / std per
+    channel; image slots whose image_mask [..., I] (or crops whose [..., I, C] mask) is 0 become exactly 0. Works
+    inside jit and on host (numpy) arrays."""
     scale = jnp.asarray(1.0 / (255.0 * np.asarray(std, np.float64)), jnp.float32)         # [3]
     offset = jnp.asarray(-np.asarray(mean, np.float64) / np.asarray(std, np.float64), jnp.float32)
     normalized = jnp.asarray(pixels).astype(jnp.float32) * scale + offset
-    has_image = jnp.asarray(image_mask)[..., None, None, None] != 0
+    image_mask = jnp.asarray(image_mask)
+    has_image = image_mask.reshape(image_mask.shape + (1,) * (normalized.ndim - image_mask.ndim)) != 0
     return jnp.where(has_image, normalized, 0.0)
 
 
@@ -64,7 +67,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(ref: Any) -> Image.Image:
+def _decode(ref: Any, load: bool = True) -> Image.Image:
     if isinstance(ref, Image.Image):
         return ref
     if isinstance(ref, np.ndarray):
@@ -84,8 +87,34 @@ def _decode(ref: Any) -> Image.Image:
         if size == 0:
             raise BadSample("empty_image", f"{path}: file has 0 bytes")
         image = Image.open(path)
-    image.load()
+    if load:
+        image.load()
     return image
+
+
+def _bad_image(ref: Any, error: Exception) -> BadSample:
+    where = f"{os.fspath(ref)}: " if isinstance(ref, (str, os.PathLike)) else ""
+    return BadSample("corrupt_image", f"{where}cannot decode image ({type(error).__name__}: {error})")
+
+
+def image_size_hw(ref: Any) -> tuple[int, int]:
+    """(height, width) of `ref` from its header alone (PIL opens lazily; arrays and PIL images as they are);
+    raises BadSample as `open_image` does for missing, empty or unreadable images. The pixels may still turn out
+    corrupt when `open_image` decodes them."""
+    if isinstance(ref, np.ndarray) and ref.size and ref.ndim >= 2:
+        return int(ref.shape[0]), int(ref.shape[1])
+    try:
+        image = _decode(ref, load=False)
+        size = image.size
+        if image is not ref:
+            image.close()
+    except BadSample:
+        raise
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as e:
+        raise _bad_image(ref, e) from None
+    if size[0] == 0 or size[1] == 0:
+        raise BadSample("empty_image", f"image has size {size[0]}x{size[1]}")
+    return size[1], size[0]
 
 
 def open_image(ref: Any) -> Image.Image:
@@ -95,8 +124,7 @@ def open_image(ref: Any) -> Image.Image:
     except BadSample:
         raise
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as e:
-        where = f"{os.fspath(ref)}: " if isinstance(ref, (str, os.PathLike)) else ""
-        raise BadSample("corrupt_image", f"{where}cannot decode image ({type(e).__name__}: {e})") from None
+        raise _bad_image(ref, e) from None
     if image.width == 0 or image.height == 0:
         raise BadSample("empty_image", f"image has size {image.width}x{image.height}")
     return to_rgb(image)

@@ -97,9 +97,10 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1) 
     an image; the train step normalises them on device with `images.normalize_pixels`, which keeps the host
     cheap and sends 4x fewer bytes); image_mask int32 [b, I] (1 = the slot holds an image); num_samples int32 [b]
     and bad_samples int32 [b, len(REASONS)]; host-only "_ids" and "_bad" (JSON text). Rows are packed when
-    `runtime.packs(config)` (data.pack, or auto). Each process reads a disjoint share (every process_count-th sample
-    of the global stream). Same config and seed => same batches; get_state()/set_state() (and grain.checkpoint)
-    resume exactly."""
+    `runtime.packs(config)` (data.pack, or auto). With model.anyres.enabled: pixel_values uint8 [b, I, C, S, S, 3]
+    (C = model.crops_per_image) and image_feature_ids int32 [b, T] (see `sequences`). Each process reads a
+    disjoint share (every process_count-th sample of the global stream). Same config and seed => same batches;
+    get_state()/set_state() (and grain.checkpoint) resume exactly."""
     data = config.data
     batch_size = per_process_batch_size(config, process_count)
     tokenizer = make_tokenizer(data, config.model)
@@ -112,7 +113,9 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1) 
                                      prefetch_buffer_size=max(data.num_threads, data.prefetch * batch_size))
     rows = samples.to_iter_dataset(read_options)
     if pack:
-        rows = pack_rows(rows, data.max_length, data.max_images, tokenizer.pad_id, batch_size)
+        model = config.model
+        image_rows = model.crops_per_image * model.tokens_per_image if model.anyres.enabled else 0
+        rows = pack_rows(rows, data.max_length, data.max_images, tokenizer.pad_id, batch_size, image_rows)
     batches = rows.batch(batch_size, drop_remainder=True)
     if data.num_workers > 0:
         from absl import flags
@@ -127,7 +130,8 @@ def make_train_iterator(config, process_index: int = 0, process_count: int = 1) 
 
 def make_eval_examples(config, limit: Optional[int] = None) -> list[dict[str, Any]]:
     """Evaluation examples in source order (data.eval_json_path, else the eval split of the synthetic / TFDS
-    sources): id, prompt_ids, pixel_values, image_mask, answers. Bad ones are skipped (policy skip) or raise."""
+    sources): id, prompt_ids, pixel_values, image_mask, answers (anyres: + image_feature_ids). Bad ones are skipped
+    (policy skip) or raise."""
     encoder = ExampleEncoder(config, make_tokenizer(config.data, config.model))
     examples = []
     for source in eval_sources(config):

@@ -49,8 +49,9 @@ def _load_json_records(path: str) -> tuple[list[Any], Optional[list[int]]]:
 
 class LlavaJsonSource:
     """Records {"id", "image": path | [paths] (optional), "conversations": [{"from": "human"|"gpt"|"system",
-    "value"}], "answers": [..] (optional, evaluation)}; image paths are relative to image_root (default: the
-    JSON file's directory) and read only when a sample is built."""
+    "value"}], "answers": [..] (optional, evaluation), "image_mode": "anyres" | "base" (optional, LLaVA-NeXT
+    models)}; image paths are relative to image_root (default: the JSON file's directory) and read only when a
+    sample is built."""
 
     def __init__(self, json_path: str, image_root: Optional[str] = None):
         self.path = str(json_path)
@@ -90,7 +91,8 @@ class LlavaJsonSource:
         answers = record.get("answers")
         if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
             raise bad("'answers' must be a list of texts")
-        return Example(example_id, turns, [os.path.join(self.image_root, p) for p in images], answers)
+        return Example(example_id, turns, [os.path.join(self.image_root, p) for p in images], answers,
+                       image_mode=record.get("image_mode"))      # anyres: "anyres" | "base" (checked by the encoder)
 
 
 def _texts(value: Any) -> list[str]:

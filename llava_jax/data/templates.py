@@ -3,7 +3,8 @@ characters of the answers.
 
 Public surface: `TEMPLATES` (name -> template), `get_template(name)`, each template's `render(turns, tokenizer,
 system_prompt) -> Conversation` (the whole conversation) and `prompt(...)` (up to where the last answer starts: what
-generation continues), `encode(conversation, tokenizer, tokens_per_image) -> (ids, loss_mask)`,
+generation continues), `encode(conversation, tokenizer, tokens_per_image) -> (ids, loss_mask)` (tokens_per_image: one
+count for every image, or one per image in order, as anyres gives each image its own),
 `answer_end_id(template, tokenizer)` (the token that closes an answer: stop generating there), `answer_spans(mask)`
 and `check_template(template, tokenizer, tokens_per_image)`. Turns are (role, text) with roles system / user /
 assistant; "<image>" in user text marks where an image's tokens go.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -183,7 +184,8 @@ def answer_end_id(template, tokenizer) -> int:
     return tokenizer.token_id(template.close_token(tokenizer))
 
 
-def encode(conversation: Conversation, tokenizer, tokens_per_image: int) -> tuple[np.ndarray, np.ndarray]:
+def encode(conversation: Conversation, tokenizer, tokens_per_image: Union[int, Sequence[int]]
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids int32 [L] and loss mask float32 [L] of a rendered conversation.
 
     The text is tokenized ONCE, exactly as the tokenizer reads it (no piece boundaries that a pretrained model never
@@ -191,7 +193,9 @@ def encode(conversation: Conversation, tokenizer, tokens_per_image: int) -> tupl
     token may also hold the space before it, "▁A"); tokens the tokenizer adds itself (BOS) cover no character and get
     0. An answer's span starts where its generation prompt ends (`prompt`), so whatever the prompt leaves out
     (a space before the answer, "▁" before a digit) is learned too. mask[t] = 1 means input_ids[t] is a target:
-    the loss on the logits at t-1 predicting it. Then each image token becomes tokens_per_image copies (mask 0).
+    the loss on the logits at t-1 predicting it. Then each image token becomes tokens_per_image copies (mask 0);
+    with a list, the k-th image token becomes tokens_per_image[k] copies (ValueError unless the text holds exactly
+    one image token per entry).
     """
     encoding = tokenizer.encode(conversation.text, conversation.add_special_tokens)
     ids = np.asarray(encoding.ids, np.int32)
@@ -199,7 +203,15 @@ def encode(conversation: Conversation, tokenizer, tokens_per_image: int) -> tupl
     mask = np.zeros(len(ids), np.float32)
     for start, end in conversation.answer_spans:
         mask[(offsets[:, 1] > offsets[:, 0]) & (offsets[:, 0] < end) & (offsets[:, 1] > start)] = 1.0
-    copies = np.where(ids == tokenizer.image_token_id, tokens_per_image, 1)
+    is_image = ids == tokenizer.image_token_id
+    if isinstance(tokens_per_image, (int, np.integer)):
+        copies = np.where(is_image, tokens_per_image, 1)
+    else:
+        if int(is_image.sum()) != len(tokens_per_image):
+            raise ValueError(f"the text holds {int(is_image.sum())} image token(s) (id {tokenizer.image_token_id}) "
+                             f"but {len(tokens_per_image)} per-image token counts were given")
+        copies = np.ones(len(ids), np.int64)
+        copies[is_image] = tokens_per_image
     return np.repeat(ids, copies), np.repeat(mask, copies)
 
 

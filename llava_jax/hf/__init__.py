@@ -3,8 +3,8 @@
 Public surface: `load_hf_llava(dir)` (Llava, or LlavaNext with model.anyres on) and `load_hf_towers(vision_dir,
 language_dir, ...)` -> (ModelConfig, params); `save_hf_llava(config, params, out_dir)`;
 `model_config_from_hf(config_json_dict)`; `init_projector` / `init_image_newline`; `hf_name`; `stack_layers` /
-`unstack_layers` / `conform_params` (scanned `layers` vs per-layer `layers_N` trees). Modules: names (weight names), configs
-(config.json <-> ModelConfig), layout, reading, writing, towers.
+`unstack_layers` / `conform_params` (scanned `layers` vs per-layer `layers_N` trees). Modules: names (weight names),
+configs (config.json <-> ModelConfig), layout, reading, writing, towers.
 """
 from llava_jax.hf.configs import model_config_from_hf
 from llava_jax.hf.layout import conform_params, stack_layers, unstack_layers

@@ -82,7 +82,8 @@ class LlavaModel(nn.Module):
                  attention_mask: Optional[jax.Array] = None, image_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
                  return_hidden: bool = False, cache_length: Optional[int] = None,
-                 grad_accumulators: Optional[dict] = None, image_feature_ids: Optional[jax.Array] = None) -> jax.Array:
+                 grad_accumulators: Optional[dict] = None,
+                 image_feature_ids: Optional[jax.Array] = None) -> jax.Array:
         """input_ids [B, T] int32 (images pre-expanded), pixel_values [B, I, H, W, 3] or None,
         attention_mask [B, T] (1 = real token), image_mask [B, I] (1 = real image; real images first),
         segment_ids [B, T] (packing; 0 = padding; overrides attention_mask), positions [B, T]. Host inputs are
@@ -109,7 +110,8 @@ class LlavaModel(nn.Module):
                            else attention_mask.astype(jnp.int32))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        if anyres and not isinstance(input_ids, jax.core.Tracer) and not isinstance(image_feature_ids, jax.core.Tracer):
+        on_host = not isinstance(input_ids, jax.core.Tracer) and not isinstance(image_feature_ids, jax.core.Tracer)
+        if anyres and on_host:
             table_rows = num_images * self.config.crops_per_image * self.config.tokens_per_image
             check_feature_ids(input_ids, image_feature_ids, table_rows, self.config.image_token_id)
         elif not anyres and not isinstance(input_ids, jax.core.Tracer):
@@ -144,9 +146,11 @@ class LlavaModel(nn.Module):
 
 
 def head_params(params: dict, config: ModelConfig) -> dict:
-    """The part of a params tree that `LlavaModel.logits` reads: the tied embedding table or `lm_head`."""
+    """The part of a params tree that `LlavaModel.logits` needs: the tied embedding table or `lm_head` (and an
+    anyres model's `image_newline`, which its setup makes; its gradient there is zero)."""
     name = "embed_tokens" if config.decoder.tie_embeddings else "lm_head"
-    return {"language_model": {name: params["language_model"][name]}}
+    extra = {"image_newline": params["image_newline"]} if config.anyres.enabled else {}
+    return {"language_model": {name: params["language_model"][name]}, **extra}
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -5,11 +5,13 @@ Public surface: `PEAK_FLOPS_PER_DEVICE`, `peak_flops(device_kind)`, `train_step_
 Formula (matmul FLOPs only; elementwise ops, norms and softmax are ignored):
   forward FLOPs of a part = 2 x (weights touched per token) x tokens + attention scores/values
   attention per layer      = 4 x L_q x L_k x (heads x head_dim)   (QK^T and PV), halved for causal self-attention
-  vision tokens            = (patches + class token) per image x B x I (blank slots are computed too)
+  vision tokens            = (patches + class token) per crop x B x I x crops (blank slots are computed too;
+                             crops = model.crops_per_image: 1, or with anyres every crop slot, padded ones too)
   decoder tokens           = B x T (padding is computed too); the LM head counts as V x E weights
 "Real" FLOPs count only non-padding tokens and real images (metrics real_flops_per_s / real_mfu): the weight
 FLOPs scale with the real tokens, attention with the real tokens x T (an upper bound for packed rows, whose
-segments attend within themselves).
+segments attend within themselves); with anyres a real image counts all its crop slots (an upper bound: a small
+image has fewer tiles than the largest grid).
 Training multiplies each part's forward cost by
   1 (forward) + 1 if the part is trained (weight gradients)
               + 1 if gradients must flow through its activations (it is trained or a trained part is upstream).
@@ -53,7 +55,7 @@ def _part_forward_flops(config: Config, real_tokens: Optional[float], real_image
     vision_tokens = v.num_patches + int(v.has_class_token)
     layer_weights = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.mlp_dim
     vision_weights = v.patch_size ** 2 * v.num_channels * v.hidden_size + m.vision_layers_used * layer_weights
-    num_images = batch * images if real_images is None else real_images
+    num_images = (batch * images if real_images is None else real_images) * m.crops_per_image
     tokens = batch * length if real_tokens is None else real_tokens
     vision = (2 * vision_weights * vision_tokens * num_images,
               m.vision_layers_used * 4 * vision_tokens ** 2 * v.hidden_size * num_images)

@@ -3,9 +3,10 @@
 Public surface: `GROUPS`, `STAGE_FROZEN`, `frozen_groups(train_config)`, `split_params`, `merge_params`,
 `learning_rate_schedule(train_config, base_lr)`, `make_optimizer(train_config, trainable_params)`.
 
-The params tree has three top-level groups: `vision_tower`, `projector`, `language_model`. Frozen groups are
-left out of the optimizer entirely (no Adam moments, no weight gradients); only the trainable subtree is
-differentiated and updated.
+The params tree has three top-level groups: `vision_tower`, `projector`, `language_model` (+ LLaVA-NeXT's
+`image_newline`, which belongs to the projector: it trains, freezes and takes its learning rate with it, as in
+LLaVA-NeXT's mm_mlp_adapter). Frozen groups are left out of the optimizer entirely (no Adam moments, no weight
+gradients); only the trainable subtree is differentiated and updated.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from llava_jax.config import TrainConfig
 from llava_jax.train.adamw import clipped_adamw
 
 GROUPS = {"vision": "vision_tower", "projector": "projector", "language": "language_model"}
+GROUP_MEMBERS = {"projector": ("projector", "image_newline")}   # top-level params that go with a group
 STAGE_FROZEN = {
     "pretrain": ("vision", "language"),   # LLaVA stage 1: projector only
     "finetune": ("vision",),              # LLaVA stage 2: projector + language model
@@ -31,7 +33,7 @@ def frozen_groups(train_config: TrainConfig) -> tuple[str, ...]:
     names = train_config.freeze if train_config.freeze is not None else STAGE_FROZEN[train_config.stage]
     if set(names) == set(GROUPS):
         raise ValueError("train.freeze: every part is frozen (vision, projector, language); nothing would train")
-    return tuple(GROUPS[n] for n in names)
+    return tuple(key for n in names for key in GROUP_MEMBERS.get(GROUPS[n], (GROUPS[n],)))
 
 
 def split_params(params: dict, frozen: tuple[str, ...]) -> tuple[dict, dict]:
@@ -52,7 +54,7 @@ def learning_rate_schedule(t: TrainConfig, base_lr: float) -> optax.Schedule:
 
 def _group_learning_rate(t: TrainConfig, group: str) -> float:
     override = {"vision_tower": t.vision_learning_rate, "projector": t.projector_learning_rate,
-                "language_model": t.language_learning_rate}[group]
+                "image_newline": t.projector_learning_rate, "language_model": t.language_learning_rate}[group]
     return t.learning_rate if override is None else override
 
 

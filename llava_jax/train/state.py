@@ -66,6 +66,7 @@ def make_train_setup(config: Config, mesh: Mesh) -> TrainSetup:
     frozen = frozen_groups(config.train)
     model = LlavaModel(config.model, freeze_vision="vision_tower" in frozen)
     params, param_shardings = abstract_params(model, mesh)
+    frozen = tuple(group for group in frozen if group in params)     # e.g. image_newline only with anyres
     trainable = split_params(params, frozen)[0]
     tx = make_optimizer(config.train, trainable)
     opt_state = jax.eval_shape(tx.init, trainable)

@@ -1,6 +1,7 @@
 """The loss and the ONE jitted train step (vision tower + projector + decoder, gradient accumulation inside).
 
-Public surface: `BATCH_KEYS`, `in_place_stacks(config, frozen)`, `make_train_step(setup) -> step(state, batch)`,
+Public surface: `BATCH_KEYS`, `batch_keys(config)`, `in_place_stacks(config, frozen)`,
+`make_train_step(setup) -> step(state, batch)`,
 `compile_train_step(setup, batch_spec)`, `abstract_batch(config, mesh)`,
 `resolve_batch_layout(config, mesh)`.
 
@@ -31,13 +32,26 @@ from llava_jax.train.state import TrainSetup, TrainState
 # (raw RGB; normalised inside the step with data.images.normalize_pixels, zero where image_mask is 0),
 # image_mask [B, I], num_samples [B] and bad_samples [B, len(REASONS)] (only summed into the metrics).
 # loss_mask[b, t] = 1 iff input_ids[b, t] is a supervised target (predicted at t - 1).
+# With model.anyres.enabled: pixel_values [B, I, C, H, W, 3] (C = model.crops_per_image) and image_feature_ids
+# [B, T] (models/anyres_features.py: -1 text, -2 image_newline, else the row of the crop-feature table).
 BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions", "pixel_values", "image_mask", "num_samples",
               "bad_samples")
+ANYRES_KEYS = ("image_feature_ids",)
 
 
-def _image_token_mismatches(batch: dict, image_token_id: int, tokens_per_image: int) -> jax.Array:
-    found = jnp.sum(batch["input_ids"] == image_token_id, axis=1)
-    expected = jnp.sum(batch["image_mask"], axis=1) * tokens_per_image
+def batch_keys(config: Config) -> tuple[str, ...]:
+    """The keys of a device batch for `config`."""
+    return BATCH_KEYS + (ANYRES_KEYS if config.model.anyres.enabled else ())
+
+
+def _image_token_mismatches(batch: dict, config: Config) -> jax.Array:
+    """Rows whose image-token count differs from what their images fill: real images x tokens_per_image, or with
+    anyres the positions that image_feature_ids give a feature."""
+    found = jnp.sum(batch["input_ids"] == config.model.image_token_id, axis=1)
+    if config.model.anyres.enabled:
+        expected = jnp.sum(batch["image_feature_ids"] != -1, axis=1)
+    else:
+        expected = jnp.sum(batch["image_mask"], axis=1) * config.model.tokens_per_image
     return jnp.sum(found != expected)
 
 
@@ -78,15 +92,19 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
         return model.apply({"params": params}, hidden, method=LlavaModel.logits)
 
     stacks = in_place_stacks(config, frozen)
+    anyres = config.model.anyres.enabled
 
     def micro_loss(trainable, frozen_params, micro, denominator, accumulators):
         """This micro-batch's CE sum / the global batch's supervised-token count: gradients come out already
         normalised for the whole batch. The layer stacks in `accumulators` return their gradient added to it."""
         variables = {"params": merge_params(trainable, frozen_params)}
-        pixels = normalize_pixels(micro["pixel_values"], micro["image_mask"], pixel_mean, pixel_std)
+        image_mask = micro["image_mask"]
+        if anyres:                     # every crop of a real image slot (padded crops are computed, never read)
+            image_mask = jnp.repeat(image_mask[..., None], config.model.crops_per_image, axis=-1)
+        pixels = normalize_pixels(micro["pixel_values"], image_mask, pixel_mean, pixel_std)
         hidden = model.apply(variables, micro["input_ids"], pixels, image_mask=micro["image_mask"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True,
-                             grad_accumulators=accumulators)
+                             grad_accumulators=accumulators, image_feature_ids=micro.get("image_feature_ids"))
         loss_sum, _ = cross_entropy_sums(hidden, head, head_params(variables["params"], config.model),
                                          micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
         return loss_sum / denominator
@@ -133,8 +151,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
         metrics = {
             "loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.optimizer_steps),
             "supervised_tokens": count, "finite": finite.astype(jnp.float32),
-            "image_token_mismatches": _image_token_mismatches(batch, config.model.image_token_id,
-                                                              config.model.tokens_per_image).astype(jnp.float32),
+            "image_token_mismatches": _image_token_mismatches(batch, config).astype(jnp.float32),
             "bad_steps": new_state.bad_steps, **_batch_counts(batch),
         }
         return new_state, metrics
@@ -146,13 +163,16 @@ def abstract_batch(config: Config, mesh: Mesh, batch_size: int | None = None) ->
     """ShapeDtypeStructs (with the batch sharding) of one global batch."""
     b = config.train.batch_size if batch_size is None else batch_size
     t, i, v = config.data.max_length, config.data.max_images, config.model.vision
+    crops = (config.model.crops_per_image,) if config.model.anyres.enabled else ()
     sharding = batch_sharding(mesh)
     shapes = {
         "input_ids": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.float32), "segment_ids": ((b, t), jnp.int32),
         "positions": ((b, t), jnp.int32), "image_mask": ((b, i), jnp.int32),
-        "pixel_values": ((b, i, v.image_size, v.image_size, v.num_channels), jnp.uint8),
+        "pixel_values": ((b, i, *crops, v.image_size, v.image_size, v.num_channels), jnp.uint8),
         "num_samples": ((b,), jnp.int32), "bad_samples": ((b, len(REASONS)), jnp.int32),
     }
+    if config.model.anyres.enabled:
+        shapes["image_feature_ids"] = ((b, t), jnp.int32)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
@@ -179,7 +199,7 @@ def resolve_batch_layout(config: Config, mesh: Mesh) -> None:
 def jit_train_step(setup: TrainSetup) -> Any:
     """The train step jitted with explicit in/out shardings and the state donated."""
     metrics_sharding = NamedSharding(setup.mesh, P())
-    batch_shardings = {k: batch_sharding(setup.mesh) for k in BATCH_KEYS}
+    batch_shardings = {k: batch_sharding(setup.mesh) for k in batch_keys(setup.config)}
     return jax.jit(make_train_step(setup), in_shardings=(setup.state_shardings, batch_shardings),
                    out_shardings=(setup.state_shardings, metrics_sharding), donate_argnums=(0,))
 
