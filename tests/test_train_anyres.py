@@ -137,3 +137,25 @@ def test_batch_shapes_flops_and_floor_count_every_crop(tiny_config):
             plain, frozen_all_but_vision, real_images=0))
     assert activation_bytes(anyres, 8, True)["vision_activations"] == crops * activation_bytes(
         plain, 8, True)["vision_activations"]
+
+
+@pytest.mark.slow
+def test_train_py_learns_on_packed_anyres_rows(tmp_path):
+    """`python train.py` on synthetic images with model.anyres on and data.pack: rows of several anyres samples."""
+    import json
+    import os
+    from tests.helpers import TINY_MODEL
+    from tests.run_helpers import TrainProcess
+    workdir = str(tmp_path / "run")
+    TrainProcess("configs/demo.yaml", workdir, *TINY_MODEL, "model.projector.pixel_shuffle=false",
+                 "data.source=synthetic", "data.synthetic_size=200", "data.num_threads=1", "train.batch_size=8",
+                 "train.learning_rate=3e-3", "train.warmup_steps=2", "train.stage=full", "train.log_every=1",
+                 "checkpoint.every_steps=1000", "train.steps=30", "mesh.fsdp=8", "model.anyres.enabled=true",
+                 "model.anyres.grid_pinpoints=[[28,56],[56,28],[56,56]]", "data.max_length=256", "data.max_images=3",
+                 "model.decoder.max_position_embeddings=256",
+                 "data.pack=true").wait()
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert np.mean([r["loss"] for r in records[-5:]]) < 0.7 * np.mean([r["loss"] for r in records[:5]])
+    assert np.mean([r["samples"] for r in records]) > 8          # packed: more samples than rows
