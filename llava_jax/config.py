@@ -98,6 +98,11 @@ class ModelConfig:
     scan_layers: bool = True
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"   # kernel: models/attention.py; auto: runtime.py
+    # which dim of the row-parallel kernels (o_proj, down_proj, fc2: [heads or mlp, embed]) fsdp shards: "embed", as
+    # every other kernel, or "input", which keeps embed whole as their minor dim: where embed / fsdp is not a multiple
+    # of 128 (5120 / 16 = 320) XLA:TPU then neither pads the shards to 384 lanes nor relayouts weights, gradients
+    # and Adam moments around the update (13B stage 2 on 16 chips: 18.6 -> 16.1 GiB; sharding.LOGICAL_RULES)
+    fsdp_row_kernels: Literal["embed", "input"] = "embed"
 
     @property
     def vision_layers_used(self) -> int:

@@ -31,6 +31,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
+    # model.fsdp_row_kernels=input: the row-parallel kernels (o_proj, down_proj, fc2) shard their input dim over
+    # tensor x fsdp and keep embed whole (models/layers.ROW_KERNEL_AXES)
+    ("mlp_in", ("tensor", "fsdp")),
+    ("heads_in", ("tensor", "fsdp")),
+    ("embed_out", None),
     ("layers", None),
     ("norm", None),
     ("patch", None),

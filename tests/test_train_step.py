@@ -61,6 +61,20 @@ def test_grad_accumulation_equals_one_big_batch(tiny_config):
         np.testing.assert_allclose(got, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (1, 2, 4)])
+def test_row_kernels_sharded_on_their_input_match_single_device(tiny_config, single_device_run, mesh):
+    """model.fsdp_row_kernels=input: o_proj / down_proj / fc2 shard their heads / MLP dim over tensor x fsdp and keep
+    embed whole; the step is the single-device one."""
+    ref_losses, ref_state, _ = single_device_run
+    losses, state, setup = run_steps(tiny_config(*STEP_CONFIG, "model.fsdp_row_kernels=input", *mesh_overrides(*mesh)),
+                                     3)
+    spec = setup.state_shardings.params["language_model"]["layers"]["mlp"]["down_proj"]["kernel"].spec
+    assert tuple(spec) == (None, ("tensor", "fsdp"), None)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for ref, got in zip(jax.tree_util.tree_leaves(ref_state.params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])
 def test_in_place_accumulation_equals_the_plain_sum(tiny_config, mesh):
     """models/accumulate.py: the layer stacks' backward adds into the carried gradients; same losses and params as

@@ -133,6 +133,13 @@ class LayerNorm(nn.Module):
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
 
 
+# Logical axes of the row-parallel kernels ([mlp or heads, embed]: down_proj / fc2, o_proj) by
+# model.fsdp_row_kernels: fsdp shards their embed dim like every other kernel's, or their input dim (see
+# llava_jax.sharding.LOGICAL_RULES).
+ROW_KERNEL_AXES = {"embed": {"mlp": ("mlp", "embed"), "heads": ("q_heads", "embed")},
+                   "input": {"mlp": ("mlp_in", "embed_out"), "heads": ("heads_in", "embed_out")}}
+
+
 class Mlp(nn.Module):
     """Gated (SwiGLU: down(act(gate(x)) * up(x))) or plain (fc2(act(fc1(x)))) MLP."""
     hidden_size: int
@@ -141,6 +148,7 @@ class Mlp(nn.Module):
     gated: bool
     use_bias: bool
     dtype: Dtype = jnp.float32
+    row_sharding: str = "embed"      # model.fsdp_row_kernels
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -150,10 +158,10 @@ class Mlp(nn.Module):
             h = act(dense(self.mlp_dim, ("embed", "mlp"), name="gate_proj", **kw)(x))
             h = h * dense(self.mlp_dim, ("embed", "mlp"), name="up_proj", **kw)(x)
             h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-            return dense(self.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
+            return dense(self.hidden_size, ROW_KERNEL_AXES[self.row_sharding]["mlp"], name="down_proj", **kw)(h)
         h = act(dense(self.mlp_dim, ("embed", "mlp"), name="fc1", **kw)(x))
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return dense(self.hidden_size, ("mlp", "embed"), name="fc2", **kw)(h)
+        return dense(self.hidden_size, ROW_KERNEL_AXES[self.row_sharding]["mlp"], name="fc2", **kw)(h)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -201,6 +209,7 @@ class Attention(nn.Module):
     kernel: str = "xla"
     rope_theta: Optional[float] = None
     dtype: Dtype = jnp.float32
+    row_sharding: str = "embed"      # model.fsdp_row_kernels (o_proj)
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
@@ -230,8 +239,8 @@ class Attention(nn.Module):
                             causal=self.causal, query_positions=positions, key_positions=cache.positions,
                             kernel="xla")
         out = nn.with_logical_constraint(out, heads_axes).reshape(batch, length, self.num_heads * self.head_dim)
-        return dense(self.hidden_size, ("q_heads", "embed"), use_bias=self.out_bias, dtype=self.dtype,
-                     name="o_proj")(out)
+        return dense(self.hidden_size, ROW_KERNEL_AXES[self.row_sharding]["heads"], use_bias=self.out_bias,
+                     dtype=self.dtype, name="o_proj")(out)
 
 
 REMAT_POLICIES = {

@@ -27,9 +27,11 @@ class EncoderBlock(nn.Module):
         heads = v.num_heads
         h = LayerNorm(v.layer_norm_eps, dtype, name="layer_norm1")(x)
         x = x + Attention(heads, heads, v.hidden_size // heads, v.hidden_size, qkv_bias=True, out_bias=True,
-                          causal=False, kernel=self.config.attention, dtype=dtype, name="self_attn")(h)
+                          causal=False, kernel=self.config.attention, dtype=dtype,
+                          row_sharding=self.config.fsdp_row_kernels, name="self_attn")(h)
         h = LayerNorm(v.layer_norm_eps, dtype, name="layer_norm2")(x)
-        x = x + Mlp(v.hidden_size, v.mlp_dim, v.act, gated=False, use_bias=True, dtype=dtype, name="mlp")(h)
+        x = x + Mlp(v.hidden_size, v.mlp_dim, v.act, gated=False, use_bias=True, dtype=dtype,
+                    row_sharding=self.config.fsdp_row_kernels, name="mlp")(h)
         return constrain(x), None
 
 
