@@ -173,8 +173,11 @@ class DataConfig:
     template: Literal["plain", "vicuna_v1", "mistral_instruct", "chatml", "llama3", "tokenizer"] = "plain"
     system_prompt: Optional[str] = None              # replaces the template's default system message
     image_placement: Literal["keep", "front"] = "keep"   # front: "<image>\n" + text, as LLaVA-1.5 preprocesses
-    max_length: int = 2048
-    max_images: int = 1
+    max_length: int = 2048     # tokens per row
+    # tokens per sample (null: max_length): packed rows longer than one sample (positions restart at 0 per sample,
+    # so RoPE never goes past it); LLaVA-NeXT's ~2400-token anyres samples fill 8192-token rows, not 4096-token ones
+    max_sample_length: Optional[int] = None
+    max_images: int = 1        # image slots per row
     # model.anyres: a sample with several images gives each its base crop alone (1 crop: tokens_per_image tokens and
     # one image_newline), as LLaVA-OneVision does, or the full anyres crops; a record's "image_mode" overrides it
     anyres_multi_image: Literal["base", "anyres"] = "base"
@@ -188,6 +191,11 @@ class DataConfig:
     bad_sample_policy: Literal["skip", "error"] = "skip"
     max_bad_fraction: float = 0.01
     bad_fraction_min_samples: int = 1000             # the bad fraction is checked once this many were seen
+
+    @property
+    def sample_length(self) -> int:
+        """The most tokens one sample may take: data.max_sample_length, or a whole row."""
+        return self.max_sample_length or self.max_length
 
 
 @dataclass
@@ -550,6 +558,11 @@ def _validate_train(c: Config) -> None:
 def _validate_data(c: Config) -> None:
     d = c.data
     _require(d.max_length > 0, "data.max_length", "must be positive")
+    sample = d.sample_length
+    _require(0 < sample <= d.max_length, "data.max_sample_length", f"{sample} must be in [1, data.max_length]")
+    _require(sample == d.max_length or d.pack is not False, "data.max_sample_length",
+             f"{sample} < data.max_length={d.max_length} needs data.pack (true or auto): one sample per row would "
+             "only add padding")
     _require(d.max_images >= 0, "data.max_images", "must be >= 0")
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
     m = c.model
@@ -557,13 +570,15 @@ def _validate_data(c: Config) -> None:
         _require(d.max_images * m.tokens_per_image <= d.max_length, "data.max_length",
                  f"{d.max_length} cannot hold data.max_images={d.max_images} images of {m.tokens_per_image} tokens "
                  "each")
+        _require(m.tokens_per_image <= sample, "data.max_sample_length",
+                 f"{sample} cannot hold one image of {m.tokens_per_image} tokens")
     elif d.max_images > 0:
         # anyres: one image takes up to model.max_tokens_per_image; several are base-only (tokens_per_image + 1
         # each) unless data.anyres_multi_image=anyres
         multi = m.max_tokens_per_image if d.anyres_multi_image == "anyres" else m.tokens_per_image + 1
         need = max(m.max_tokens_per_image, d.max_images * multi if d.max_images > 1 else 0)
-        _require(need <= d.max_length, "data.max_length",
-                 f"{d.max_length} cannot hold {need} image tokens: one anyres image takes up to "
+        _require(need <= sample, "data.max_sample_length" if sample < d.max_length else "data.max_length",
+                 f"{sample} cannot hold {need} image tokens: one anyres image takes up to "
                  f"model.max_tokens_per_image={m.max_tokens_per_image}, data.max_images={d.max_images} "
                  f"{d.anyres_multi_image} images {multi} each (data.anyres_multi_image)")
     for name in ("synthetic_size", "synthetic_eval_size", "bad_fraction_min_samples"):
@@ -572,8 +587,8 @@ def _validate_data(c: Config) -> None:
         _require(getattr(d, name) >= 0, f"data.{name}", "must be >= 0")
     _require(d.image_std is None or min(d.image_std) > 0, "data.image_std", "must be positive")
     max_positions = c.model.decoder.max_position_embeddings
-    _require(d.max_length <= max_positions, "data.max_length",
-             f"{d.max_length} is beyond model.decoder.max_position_embeddings={max_positions}: positions past it are "
+    _require(sample <= max_positions, "data.max_sample_length" if sample < d.max_length else "data.max_length",
+             f"{sample} is beyond model.decoder.max_position_embeddings={max_positions}: positions past it are "
              "ones the model never learned (RoPE would extrapolate silently)")
     if d.source == "llava_json":
         _require(d.json_path is not None, "data.json_path", "is required when data.source=llava_json")

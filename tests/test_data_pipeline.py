@@ -111,6 +111,25 @@ def test_packed_rows_hold_several_samples_and_respect_max_images(tiny_config):
         assert batch["segment_ids"].max() == 2
 
 
+def test_rows_longer_than_a_sample_pack_samples_within_max_sample_length(tiny_config):
+    """data.max_sample_length: 128-token rows of samples of at most 64 tokens (positions restart per sample), so
+    data.max_length may exceed model.decoder.max_position_embeddings; longer samples are counted as too long."""
+    config = tiny_config(*SYNTHETIC, "data.pack=true", "data.max_length=128", "data.max_sample_length=64",
+                         "data.max_images=2", "model.decoder.max_position_embeddings=64")
+    for batch in take(make_train_iterator(config), 2):
+        assert batch["input_ids"].shape[1] == 128 and (batch["num_samples"] == 2).all()
+        assert batch["positions"].max() < 64
+    short = tiny_config(*SYNTHETIC, "data.pack=true", "data.max_length=128", "data.max_sample_length=40",
+                        "data.max_images=2")
+    with pytest.raises(Exception, match="too_long: .* tokens and no answer token within data.max_sample_length=40"):
+        next(make_train_iterator(short))                           # every ~50-token sample is too long
+    for overrides, key in ((["data.max_sample_length=200"], "data.max_sample_length"),
+                           (["data.max_sample_length=64", "data.pack=false"], "data.max_sample_length"),
+                           (["data.max_length=256"], "data.max_length")):
+        with pytest.raises(ValueError, match=key):
+            tiny_config(*SYNTHETIC, "data.max_length=128", "model.decoder.max_position_embeddings=128", *overrides)
+
+
 def test_eval_examples_stop_where_the_answer_starts(tiny_config):
     config = tiny_config(*SYNTHETIC)
     examples = make_eval_examples(config, limit=5)

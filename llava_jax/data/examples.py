@@ -90,7 +90,8 @@ class ExampleEncoder:
         self.system_prompt = config.data.system_prompt
         self.image_placement = config.data.image_placement
         self.tokens_per_image = config.model.tokens_per_image
-        self.max_length = config.data.max_length
+        self.max_length = config.data.sample_length
+        self.length_key = "data.max_sample_length" if config.data.max_sample_length else "data.max_length"
         self.max_images = config.data.max_images
         self.image_size = config.model.vision.image_size
         self.images = ImageProcessor(config)
@@ -182,11 +183,12 @@ class ExampleEncoder:
     def _tokens(self, example: Example):
         self._check(example)
         ids, mask, sizes, flags = self._encode(self.template.render, example)
-        ids, mask = fit_length(ids, mask, self.max_length, self.tokenizer.image_token_id, example.id)
+        ids, mask = fit_length(ids, mask, self.max_length, self.tokenizer.image_token_id, example.id,
+                               self.length_key)
         return ids, mask, sizes, flags
 
     def tokens(self, example: Example) -> tuple[np.ndarray, np.ndarray]:
-        """input_ids int32 [L] and loss_mask float32 [L] (L <= data.max_length) of a training sample; no image
+        """input_ids int32 [L] and loss_mask float32 [L] (L <= data.sample_length) of a training sample; no image
         is decoded (anyres reads the image headers)."""
         ids, mask, _, _ = self._tokens(example)
         return ids, mask
@@ -213,7 +215,7 @@ class ExampleEncoder:
         self._check(example)
         prompt_ids, _, sizes, flags = self._encode(self.template.prompt, example)
         if len(prompt_ids) > self.max_length:
-            raise BadSample("too_long", f"the prompt has {len(prompt_ids)} tokens > data.max_length="
+            raise BadSample("too_long", f"the prompt has {len(prompt_ids)} tokens > {self.length_key}="
                             f"{self.max_length}", example.id)
         image_mask = np.zeros(self.max_images, np.int32)
         image_mask[:len(example.images)] = 1

@@ -1,6 +1,6 @@
 """Fixed-shape rows from variable-length samples: truncation, right padding, and packing.
 
-Public surface: `fit_length(ids, mask, max_length, image_token_id, example_id)`, `pad_row(sample, ...)` (one
+Public surface: `fit_length(ids, mask, max_length, image_token_id, example_id, key)`, `pad_row(sample, ...)` (one
 sample per row), `pack_rows(dataset, ..., image_rows=0)` (greedy first-fit of several samples per row, Grain,
 resumable) and `offset_feature_ids(...)` (anyres ids of a packed row).
 Both produce the same row: input_ids, loss_mask, segment_ids (1..k, 0 = padding), positions (from 0 per
@@ -24,18 +24,18 @@ from llava_jax.data.bad_samples import BadSample, bad_sample_vector
 
 TEXT = -1   # image_feature_ids of text and padding (models/anyres_features.TEXT)
 
-def fit_length(ids: np.ndarray, mask: np.ndarray, max_length: int, image_token_id: int, example_id: str
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Right-truncates to max_length. Never cuts through image tokens: a sample with an image token beyond
-    max_length, or with no supervised token left within it, raises BadSample("too_long")."""
+def fit_length(ids: np.ndarray, mask: np.ndarray, max_length: int, image_token_id: int, example_id: str,
+               key: str = "data.max_length") -> tuple[np.ndarray, np.ndarray]:
+    """Right-truncates to max_length (the config `key` it comes from). Never cuts through image tokens: a sample
+    with an image token beyond max_length, or with no supervised token left within it, raises BadSample("too_long")."""
     if len(ids) <= max_length:
         return ids, mask
     if (ids[max_length:] == image_token_id).any():
         last_image = int(np.nonzero(ids == image_token_id)[0][-1])
         raise BadSample("too_long", f"{len(ids)} tokens and its image tokens end at {last_image + 1} > "
-                        f"data.max_length={max_length}", example_id)
+                        f"{key}={max_length}", example_id)
     if not mask[:max_length].any():
-        raise BadSample("too_long", f"{len(ids)} tokens and no answer token within data.max_length={max_length}",
+        raise BadSample("too_long", f"{len(ids)} tokens and no answer token within {key}={max_length}",
                         example_id)
     return ids[:max_length], mask[:max_length]
 
