@@ -5,6 +5,7 @@ Public surface: `evaluate(config, params, limit=None, batch_size=16, max_new_tok
 `evaluate_examples(config, params, examples, ...)`, `normalize_answer`, `answer_score`, `majority_answer`,
 `blank_images`, and the CLI `python -m llava_jax.evaluate (--workdir DIR | --checkpoint PATH) [--set KEY=VALUE ...]
 [--limit N]`, which prints one JSON object (n, accuracy, blind_accuracy, majority_accuracy, majority_answer).
+Works for LLaVA-1.5 and anyres (LLaVA-NeXT) runs alike: generate.generate_answers reads each example's inputs.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def majority_answer(references: Sequence[Sequence[str]]) -> str:
 
 def blank_images(examples: Sequence[dict]) -> list[dict]:
     """Copies of `examples` whose images are blank: all-zero pixels AFTER normalisation, i.e. every pixel at the
-    normalisation mean colour (the mean image). Image tokens and image_mask stay, so the prompts are unchanged."""
+    normalisation mean colour (the mean image). Image tokens and image_mask stay, so the prompts are unchanged.
+    anyres examples: every crop blank; image_feature_ids stay."""
     return [{**example, "pixel_values": np.zeros_like(example["pixel_values"])} for example in examples]
 
 

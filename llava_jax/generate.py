@@ -1,8 +1,9 @@
 """Batched generation on a static KV cache: one jitted prefill over images + prompts, then a jitted decode loop.
 
 Public surface: `generate(model_config, params, prompt_ids_list, pixel_values, image_mask, max_new_tokens, eos_id,
-pad_id, temperature=0.0, top_k=0, top_p=1.0, rng=None) -> list[list[int]]`, `generate_tokens(...)` (the raw
-[B, max_new_tokens] array), `left_pad`, `sample_logits`, `generate_answers(config, params, examples, ...) -> [str]`,
+pad_id, temperature=0.0, top_k=0, top_p=1.0, rng=None, image_feature_ids_list=None) -> list[list[int]]`,
+`generate_tokens(...)` (the raw [B, max_new_tokens] array), `left_pad`, `left_pad_feature_ids`, `sample_logits`,
+`generate_answers(config, params, examples, ...) -> [str]`,
 `prompt_example(config, prompt, image)` and the CLI
 `python -m llava_jax.generate (--workdir DIR | --checkpoint PATH) --image PATH --prompt TEXT [--max-new-tokens N]
 [--temperature T] [--top-k K] [--top-p P] [--seed S] [--set KEY=VALUE ...]`.
@@ -11,6 +12,9 @@ Layout: prompts are LEFT-padded to one length P (rounded up to a multiple of PRO
 share compilations). Padding has segment id 0 and position 0; row b's real tokens have positions 0..L_b-1, so
 every row's last prompt token sits at slot P-1 and its t-th new token is written at cache slot P+t with position
 L_b+t. The cache has P + max_new_tokens slots. The image token is never sampled (it would get no image features).
+anyres (model.anyres.enabled): pixel_values [B, I, C, S, S, 3] (padded crops 0) and per prompt its image_feature_ids,
+left-padded with -1 (text) like the prompt, go to the prefill alone; decode steps are text only. Prompts of
+different image sizes thus share one compilation per (P, I, C).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from llava_jax.data.examples import Example, ExampleEncoder
 from llava_jax.data.templates import IMAGE_PLACEHOLDER, answer_end_id, get_template
 from llava_jax.data.tokenizers import make_tokenizer
 from llava_jax.model_params import load_model
+from llava_jax.models.anyres_features import TEXT, check_feature_ids
 from llava_jax.models.llava import LlavaModel, check_image_tokens
 
 PROMPT_LENGTH_MULTIPLE = 16
@@ -91,16 +96,27 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int) -> PaddedPrompts:
     return PaddedPrompts(input_ids, segment_ids, positions, lengths)
 
 
+def left_pad_feature_ids(feature_ids_list: Sequence[np.ndarray], padded_length: int) -> np.ndarray:
+    """int32 [B, padded_length]: each prompt's anyres image_feature_ids right-aligned as `left_pad` aligns the prompt,
+    -1 (text) on the padding."""
+    out = np.full((len(feature_ids_list), padded_length), TEXT, np.int32)
+    for row, ids in enumerate(feature_ids_list):
+        if len(ids):
+            out[row, padded_length - len(ids):] = ids
+    return out
+
+
 def _allowed_logits(logits: jax.Array, image_token_id: int) -> jax.Array:
     return logits.at[:, image_token_id].set(-jnp.inf)
 
 
-def _prefill(model: LlavaModel, params, input_ids, pixel_values, segment_ids, positions, *, cache_length: int):
-    """Images + left-padded prompts through the model into a fresh cache of `cache_length` slots.
-    Returns (logits [B, V] after each row's last prompt token, cache)."""
+def _prefill(model: LlavaModel, params, input_ids, pixel_values, segment_ids, positions, image_feature_ids=None, *,
+             cache_length: int):
+    """Images + left-padded prompts through the model into a fresh cache of `cache_length` slots (anyres: with
+    image_feature_ids [B, P]). Returns (logits [B, V] after each row's last prompt token, cache)."""
     def last_token_logits(module: LlavaModel) -> jax.Array:
         hidden = module(input_ids, pixel_values, segment_ids=segment_ids, positions=positions,
-                        cache_length=cache_length, return_hidden=True)
+                        cache_length=cache_length, return_hidden=True, image_feature_ids=image_feature_ids)
         return module.logits(hidden[:, -1:])[:, 0]
     logits, variables = model.apply({"params": params}, method=last_token_logits, mutable=["cache"])
     return logits, variables["cache"]
@@ -164,10 +180,12 @@ def _programs(model_config: ModelConfig) -> _Programs:
 def generate_tokens(model_config: ModelConfig, params, prompt_ids_list: Sequence[np.ndarray],
                     pixel_values: Optional[np.ndarray], image_mask: Optional[np.ndarray], max_new_tokens: int,
                     eos_id: int, pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    rng: Optional[jax.Array] = None) -> np.ndarray:
+                    rng: Optional[jax.Array] = None,
+                    image_feature_ids_list: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
     """New tokens [B, max_new_tokens] int32 for B prompts (int ids with each image's tokens already expanded) and
     their images pixel_values [B, I, S, S, 3] / image_mask [B, I] (None: text only). A row's EOS is kept and
-    followed by pad_id. Sampling (temperature > 0) needs an explicit `rng`."""
+    followed by pad_id. Sampling (temperature > 0) needs an explicit `rng`. anyres models: pixel_values
+    [B, I, C, S, S, 3] and `image_feature_ids_list`, one int32 [L_b] per prompt (data.anyres_inputs)."""
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     if sampling.temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit rng (jax.random.key)")
@@ -180,15 +198,41 @@ def generate_tokens(model_config: ModelConfig, params, prompt_ids_list: Sequence
                          f"beyond model.decoder.max_position_embeddings={max_positions}; shorten the prompt or "
                          "generate fewer tokens")
     num_images = 0 if pixel_values is None else pixel_values.shape[1]
-    check_image_tokens(prompts.input_ids, image_mask, num_images, model_config)
+    feature_ids = _anyres_feature_ids(model_config, prompts, prompt_ids_list, pixel_values, image_feature_ids_list)
+    if feature_ids is None:
+        check_image_tokens(prompts.input_ids, image_mask, num_images, model_config)
     programs = _programs(model_config)
     cache_length = prompts.input_ids.shape[1] + max_new_tokens
     logits, cache = programs.prefill(params, prompts.input_ids, pixel_values, prompts.segment_ids,
-                                     prompts.positions, cache_length=cache_length)
+                                     prompts.positions, feature_ids, cache_length=cache_length)
     tokens = programs.decode(params, cache, logits, prompts.lengths,
                              jax.random.key(0) if rng is None else rng, cache_length=cache_length,
                              max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sampling=sampling)
     return np.asarray(tokens)
+
+
+def _anyres_feature_ids(model_config: ModelConfig, prompts: PaddedPrompts, prompt_ids_list, pixel_values,
+                        image_feature_ids_list) -> Optional[np.ndarray]:
+    """The left-padded, checked image_feature_ids [B, P] of an anyres batch with images; None for LLaVA-1.5 inputs
+    (and for text-only anyres prompts)."""
+    if image_feature_ids_list is None:
+        if model_config.anyres.enabled and pixel_values is not None:
+            raise ValueError("model.anyres.enabled: generating with images needs image_feature_ids_list (one per "
+                             "prompt, from data.anyres_inputs / ExampleEncoder.eval_example)")
+        return None
+    if not model_config.anyres.enabled:
+        raise ValueError("image_feature_ids_list is for anyres models; model.anyres.enabled is false")
+    if pixel_values is None or pixel_values.ndim != 6:
+        raise ValueError("anyres generation needs pixel_values [B, I, C, S, S, 3]; got "
+                         f"{None if pixel_values is None else pixel_values.shape}")
+    lengths = [len(ids) for ids in image_feature_ids_list]
+    if lengths != [len(p) for p in prompt_ids_list]:
+        raise ValueError(f"image_feature_ids lengths {lengths} differ from the prompt lengths "
+                         f"{[len(p) for p in prompt_ids_list]}")
+    feature_ids = left_pad_feature_ids(image_feature_ids_list, prompts.input_ids.shape[1])
+    table_rows = pixel_values.shape[1] * model_config.crops_per_image * model_config.tokens_per_image
+    check_feature_ids(prompts.input_ids, feature_ids, table_rows, model_config.image_token_id)
+    return feature_ids
 
 
 def _until_eos(tokens: np.ndarray, eos_id: int) -> list[int]:
@@ -199,26 +243,30 @@ def _until_eos(tokens: np.ndarray, eos_id: int) -> list[int]:
 def generate(model_config: ModelConfig, params, prompt_ids_list: Sequence[np.ndarray],
              pixel_values: Optional[np.ndarray], image_mask: Optional[np.ndarray], max_new_tokens: int, eos_id: int,
              pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             rng: Optional[jax.Array] = None) -> list[list[int]]:
+             rng: Optional[jax.Array] = None,
+             image_feature_ids_list: Optional[Sequence[np.ndarray]] = None) -> list[list[int]]:
     """The new tokens of each prompt up to (not including) its EOS; arguments as `generate_tokens`."""
     tokens = generate_tokens(model_config, params, prompt_ids_list, pixel_values, image_mask, max_new_tokens,
-                             eos_id, pad_id, temperature, top_k, top_p, rng)
+                             eos_id, pad_id, temperature, top_k, top_p, rng, image_feature_ids_list)
     return [_until_eos(row, eos_id) for row in tokens]
 
 
 def generate_answers(config: Config, params, examples: Sequence[dict], max_new_tokens: int, batch_size: int = 16,
                      **sampling) -> list[str]:
     """Decoded answers to evaluation examples (see data.pipeline.make_eval_examples), `batch_size` at a time;
-    generation stops at the token that closes an answer in data.template."""
+    generation stops at the token that closes an answer in data.template. anyres examples carry image_feature_ids
+    (ExampleEncoder.eval_example); their pixel_values [I, C, S, S, 3] stack whatever the image sizes."""
     tokenizer = make_tokenizer(config.data, config.model)
     stop_id = answer_end_id(get_template(config.data.template), tokenizer)
     answers = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
+        feature_ids = ([ex["image_feature_ids"] for ex in batch]
+                       if config.model.anyres.enabled and "image_feature_ids" in batch[0] else None)
         new_tokens = generate(config.model, params, [ex["prompt_ids"] for ex in batch],
                               np.stack([ex["pixel_values"] for ex in batch]),
                               np.stack([ex["image_mask"] for ex in batch]), max_new_tokens, stop_id,
-                              tokenizer.pad_id, **sampling)
+                              tokenizer.pad_id, image_feature_ids_list=feature_ids, **sampling)
         answers += [tokenizer.decode(tokens) for tokens in new_tokens]
     return answers
 
