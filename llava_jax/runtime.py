@@ -46,7 +46,8 @@ def packs(config: Config, backend: Optional[str] = None) -> bool:
 
 def resolve_auto(config: Config, backend: Optional[str] = None) -> tuple[Config, list[str]]:
     """A copy of `config` with model.attention and data.pack concrete for `backend` (default: JAX's), validated,
-    and log lines saying what `auto` became and why."""
+    and log lines saying what `auto` became and why. Rows that `auto` leaves unpacked are one sample long
+    (data.max_length becomes data.max_sample_length where that is shorter)."""
     backend = backend or jax.default_backend()
     resolved, lines = copy.deepcopy(config), []
     if config.data.pack == "auto":
@@ -57,5 +58,10 @@ def resolve_auto(config: Config, backend: Optional[str] = None) -> tuple[Config,
                                     bool(resolved.data.pack), config.data.max_length)
         resolved.model.attention = kernel
         lines.append(f"model.attention: auto -> {kernel} ({why})")
+    data = resolved.data
+    if data.pack is False and data.sample_length < data.max_length:   # rows of one sample: one sample long
+        lines.append(f"data.max_length: {data.max_length} -> {data.sample_length} (unpacked rows hold one sample of "
+                     "at most data.max_sample_length)")
+        data.max_length, data.max_sample_length = data.sample_length, None
     validate(resolved)
     return resolved, lines

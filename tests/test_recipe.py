@@ -151,6 +151,6 @@ def test_exported_stage2_model_gives_our_logits_and_greedy_answer_in_transformer
     assert len(answer) > 0                        # a real answer, not an immediate end of sequence
 
     printed = run(root, "-m", "llava_jax.generate", "--workdir", "runs/llava15_7b_stage2", "--image", image,
-                  "--prompt", QUESTION, "--max-new-tokens", NEW_TOKENS)
+                  "--prompt", QUESTION, "--max-new-tokens", NEW_TOKENS, "--set", "model.dtype=float32")
     exported_tokenizer = AutoTokenizer.from_pretrained(root / "llava-hf")
     assert printed.rstrip("\n") == exported_tokenizer.decode(answer, skip_special_tokens=True)

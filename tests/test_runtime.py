@@ -48,3 +48,14 @@ def test_explicit_settings_are_kept_and_pack_auto_follows_an_explicit_kernel():
 def test_cudnn_with_packing_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="model.attention: cudnn .* packed segments"):
         config("model.attention=cudnn", "model.dtype=bfloat16", "data.pack=true")
+
+
+def test_rows_left_unpacked_by_auto_are_one_sample_long():
+    """The LLaVA-NeXT preset packs 4096-token samples into 8192-token rows; where auto does not pack (cuDNN on GPU)
+    its rows become one sample long instead of half padding, and the log says so."""
+    preset = load_config("configs/llava_next_7b_stage2.yaml")
+    gpu, lines = resolve_auto(preset, "gpu")
+    assert (gpu.data.pack, gpu.data.max_length, gpu.data.max_sample_length) == (False, 4096, None)
+    assert lines[-1].startswith("data.max_length: 8192 -> 4096")
+    tpu, _ = resolve_auto(preset, "tpu")
+    assert (tpu.data.pack, tpu.data.max_length, tpu.data.sample_length) == (True, 8192, 4096)
