@@ -146,11 +146,11 @@ class ExampleEncoder:
             raise BadSample("image_count_mismatch", str(error), example.id) from None
         return ids, mask, sizes, flags
 
-    def _anyres_pixels(self, example: Example, sizes, flags, slots: int) -> np.ndarray:
-        """uint8 [slots, C, S, S, 3]: each image's crops (zero-padded along C), zeros after the example's images."""
-        size = self.image_size
-        pixels = np.zeros((slots, self.model.crops_per_image, size, size, 3), np.uint8)
-        for k, (ref, size_hw, base) in enumerate(zip(example.images, sizes, flags)):
+    def _anyres_pixels(self, example: Example, sizes, flags, slots: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 [slots, C, S, S, 3] each image's crops, zero-padded; int32 [slots, C] crop mask)
+        (`anyres_inputs.crop_pixels`) of the decoded images, each checked against its header size."""
+        images = []
+        for k, (ref, size_hw) in enumerate(zip(example.images, sizes)):
             try:
                 image = open_image(ref)
             except BadSample as bad:
@@ -159,9 +159,8 @@ class ExampleEncoder:
             if (image.height, image.width) != tuple(size_hw):
                 raise BadSample("corrupt_image", f"image {k} decodes to {image.height}x{image.width}, its header "
                                 f"says {size_hw[0]}x{size_hw[1]}", example.id)
-            crops = anyres_inputs.image_crops(image, self.model, base)
-            pixels[k, :len(crops)] = crops
-        return pixels
+            images.append(image)
+        return anyres_inputs.crop_pixels(images, self.model, slots, base_only=flags)
 
     def _pixels(self, example: Example, slots: int) -> np.ndarray:
         """uint8 [slots, S, S, 3]: the example's images first, zeros after."""
@@ -203,7 +202,7 @@ class ExampleEncoder:
             return {"input_ids": ids, "loss_mask": mask, "pixel_values": self._pixels(example, num_images),
                     "image_mask": np.ones(num_images, np.int32), "_id": example.id}
         feature_ids = anyres_inputs.image_feature_ids(ids, sizes, self.model, num_images, base_only=flags)
-        pixels = self._anyres_pixels(example, sizes, flags, num_images)
+        pixels, _ = self._anyres_pixels(example, sizes, flags, num_images)
         return {"input_ids": ids, "loss_mask": mask, "pixel_values": pixels,
                 "image_mask": np.ones(num_images, np.int32), "image_feature_ids": feature_ids, "_id": example.id}
 
@@ -223,10 +222,7 @@ class ExampleEncoder:
         if not self.anyres:
             out["pixel_values"] = self.images.normalize(self._pixels(example, self.max_images), image_mask)
         else:
-            crop_mask = np.zeros((self.max_images, self.model.crops_per_image), np.int32)
-            for k, (size, base) in enumerate(zip(sizes, flags)):
-                crop_mask[k, :1 if base else anyres_inputs.image_layout(size, self.model).num_crops] = 1
-            pixels = self._anyres_pixels(example, sizes, flags, self.max_images)
+            pixels, crop_mask = self._anyres_pixels(example, sizes, flags, self.max_images)
             out["pixel_values"] = self.images.normalize(pixels, crop_mask)
             out["image_feature_ids"] = anyres_inputs.image_feature_ids(prompt_ids, sizes, self.model,
                                                                        self.max_images, base_only=flags)

@@ -21,8 +21,8 @@ import grain
 import numpy as np
 
 from llava_jax.data.bad_samples import BadSample, bad_sample_vector
+from llava_jax.models.anyres_features import TEXT     # image_feature_ids of text and padding
 
-TEXT = -1   # image_feature_ids of text and padding (models/anyres_features.TEXT)
 
 def fit_length(ids: np.ndarray, mask: np.ndarray, max_length: int, image_token_id: int, example_id: str,
                key: str = "data.max_length") -> tuple[np.ndarray, np.ndarray]:
