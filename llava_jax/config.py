@@ -140,6 +140,17 @@ class ModelConfig:
 
 
 @dataclass
+class EvalTask:
+    """One benchmark task of `train.eval_tasks` (llava_jax.tasks), run every train.eval_every steps."""
+    task: Literal["vqav2", "gqa", "textvqa", "pope", "mme", "scienceqa", "mmmu", "mmbench"] = "pope"
+    data: str = ""                          # the task's files (llava_jax/tasks/<task>.py says which)
+    limit: Optional[int] = 200              # the first N items (null: all)
+    prompt_suffix: Optional[str] = None     # null: the task's LLaVA-1.5 instruction
+    batch_size: int = 32
+    max_new_tokens: int = 32
+
+
+@dataclass
 class MixtureEntry:
     """One weighted source of `data.mixture`; tfds entries share the data-level tfds_* split/key settings."""
     source: Literal["synthetic", "llava_json", "tfds"] = "synthetic"
@@ -224,9 +235,15 @@ class TrainConfig:
     accumulate_in_place: bool = True
     max_bad_steps: int = 5
     loss_chunk_size: int = 512   # positions per fused loss chunk; chunks without targets are skipped (0 = one chunk)
+    # loss chunks gather the hidden states over the batch and shard the logits over the vocabulary instead of
+    # gathering the whole LM-head kernel (when the batch shards divide the vocabulary; train/step.py)
+    loss_vocab_parallel: bool = True
     log_every: int = 10
     eval_every: int = 0
     eval_limit: int = 200
+    # benchmark tasks scored every eval_every steps into metrics.jsonl / TensorBoard as eval/<task>/<score>, their
+    # predictions kept in <workdir>/eval/<task>/step_<n>; with tasks, the eval set runs only where there is one
+    eval_tasks: list[EvalTask] = field(default_factory=list)
     init_from: Optional[str] = None
 
 
@@ -553,6 +570,12 @@ def _validate_train(c: Config) -> None:
     _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
     _require(0.0 <= t.min_learning_rate_ratio <= 1.0, "train.min_learning_rate_ratio", "must be in [0, 1]")
+    for k, task in enumerate(t.eval_tasks):
+        key = f"train.eval_tasks[{k}]"
+        _require(bool(task.data), f"{key}.data", f"names no files for task {task.task}")
+        _require(task.limit is None or task.limit > 0, f"{key}.limit", "must be positive or null (all items)")
+        _require(task.batch_size > 0 and task.max_new_tokens > 0, key, "batch_size and max_new_tokens must be > 0")
+    _require(not t.eval_tasks or t.eval_every > 0, "train.eval_every", "must be > 0 for train.eval_tasks to run")
 
 
 def _validate_data(c: Config) -> None:

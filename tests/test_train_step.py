@@ -50,6 +50,24 @@ def test_losses_and_params_match_single_device(tiny_config, single_device_run, m
         np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 4, 1)])
+def test_vocab_parallel_loss_matches_the_gathered_head(tiny_config, mesh):
+    """train.loss_vocab_parallel gives the losses and params of the FSDP-gathered LM head, and its compiled step
+    never holds the whole [embed, vocab] head kernel (the gathered one does)."""
+    common = [*STEP_CONFIG, "model.decoder.vocab_size=304", "train.loss_chunk_size=8", *mesh_overrides(*mesh)]
+    runs, programs = {}, {}
+    for vocab_parallel in (True, False):
+        config = tiny_config(*common, f"train.loss_vocab_parallel={str(vocab_parallel).lower()}")
+        runs[vocab_parallel] = run_steps(config, 2)
+        programs[vocab_parallel] = compile_train_step(runs[vocab_parallel][2]).as_text()
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-6)
+    for ref, got in zip(*(jax.tree_util.tree_leaves(runs[key][1].params) for key in (False, True))):
+        np.testing.assert_allclose(got, ref, atol=1e-6)
+    gathers = {key: [line for line in text.splitlines() if "all-gather(" in line and "[48,304]" in line]
+               for key, text in programs.items()}
+    assert gathers[False] and not gathers[True], gathers
+
+
 def test_grad_accumulation_equals_one_big_batch(tiny_config):
     big = tiny_config(*STEP_CONFIG, "train.batch_size=32", *mesh_overrides(8, 1, 1))
     accumulated = tiny_config(*STEP_CONFIG, "train.batch_size=32", "train.grad_accum_steps=4",
@@ -105,7 +123,8 @@ def test_in_place_accumulation_saves_one_gradient_of_the_stacks(tiny_config):
         temps[in_place] = memory_figures(compile_train_step(setup))["temporaries"]
     stacked = sum(leaf.size * 4 for group in ("vision_tower", "language_model")
                   for leaf in jax.tree_util.tree_leaves(setup.abstract_state.params[group]["layers"])) / 8
-    assert temps[False] - temps[True] >= 0.9 * stacked, (temps, stacked)
+    # (the backward keeps one layer's accumulator slice live for the anchor in models/accumulate._anchored)
+    assert temps[False] - temps[True] >= 0.85 * stacked, (temps, stacked)
 
 
 @pytest.mark.parametrize("stage,frozen", [("pretrain", ("vision_tower", "language_model")),

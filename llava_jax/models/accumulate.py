@@ -31,11 +31,21 @@ def _from_bits(bits: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
 
 
-def _run(layer_fn, params, x, consts):
+def _anchored(layer_params: Any, layer_accumulator: Any) -> Any:
+    """layer_params + 0 x the layer's accumulated gradient. Without this tie to a value that changes every
+    micro-batch, XLA:TPU converts the whole stack to the compute dtype once, before the accumulation loop, and keeps
+    that copy through it (7B stage 2 on 16 chips: 0.7 GiB). The accumulator is sharded like the params, so the tie
+    costs no communication; x * 0 is not folded for floats, and it receives no gradient."""
+    return jax.tree_util.tree_map(lambda p, a: p + jax.lax.stop_gradient(a * 0).astype(p.dtype),
+                                  layer_params, layer_accumulator)
+
+
+def _run(layer_fn, params, accumulator, x, consts):
     """The stack forward; also returns every layer's input (as `_as_bits`)."""
-    def body(carry, layer_params):
-        return layer_fn(layer_params, carry, *consts), _as_bits(carry)
-    return jax.lax.scan(body, x, params)
+    def body(carry, layer):
+        layer_params, layer_accumulator = layer
+        return layer_fn(_anchored(layer_params, layer_accumulator), carry, *consts), _as_bits(carry)
+    return jax.lax.scan(body, x, (params, accumulator))
 
 
 def accumulating_scan(layer_fn: Callable[..., jax.Array], params: Any, accumulator: Any, x: jax.Array,
@@ -45,10 +55,10 @@ def accumulating_scan(layer_fn: Callable[..., jax.Array], params: Any, accumulat
 
     @jax.custom_vjp
     def stack(params, accumulator, x, consts):
-        return _run(layer_fn, params, x, consts)[0]
+        return _run(layer_fn, params, accumulator, x, consts)[0]
 
     def forward(params, accumulator, x, consts):
-        out, inputs = _run(layer_fn, params, x, consts)
+        out, inputs = _run(layer_fn, params, accumulator, x, consts)
         return out, (params, accumulator, inputs, consts)
 
     def backward(residuals, d_out):
@@ -59,12 +69,12 @@ def accumulating_scan(layer_fn: Callable[..., jax.Array], params: Any, accumulat
             d_x, acc = carry
             index, layer_params, layer_input = layer
             layer_input = _from_bits(layer_input, d_x.dtype)
-            _, vjp = jax.vjp(lambda p, h: layer_fn(p, h, *consts), layer_params, layer_input)
+            layer_acc = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), acc)
+            _, vjp = jax.vjp(lambda p, h: layer_fn(_anchored(p, layer_acc), h, *consts), layer_params, layer_input)
             d_params, d_x = vjp(d_x)
             acc = jax.tree_util.tree_map(
-                lambda a, d: jax.lax.dynamic_update_index_in_dim(
-                    a, jax.lax.dynamic_index_in_dim(a, index, keepdims=False) + d.astype(a.dtype), index, 0),
-                acc, d_params)
+                lambda a, a_layer, d: jax.lax.dynamic_update_index_in_dim(a, a_layer + d.astype(a.dtype), index, 0),
+                acc, layer_acc, d_params)
             return (d_x, acc), None
 
         (d_x, acc), _ = jax.lax.scan(body, (d_out, accumulator),

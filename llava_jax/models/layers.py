@@ -275,11 +275,6 @@ def run_layer_stack(stack, x: jax.Array, *args, accumulator: Any = None,
             raise ValueError("in-place gradient accumulation needs a scanned layer stack (model.scan_layers=true)")
 
         def layer_fn(layer_params, h, *consts):
-            # the weights take + 0 x (a value of h): XLA:TPU would otherwise convert the whole layer stack to the
-            # compute dtype once, before the accumulation loop, and keep that copy through it (7B stage 2 on 16
-            # chips: 0.7 GiB); x * 0 is not folded for floats, and a NaN in h makes the step non-finite anyway
-            anchor = h.reshape(-1)[0].astype(jnp.float32) * 0.0
-            layer_params = jax.tree_util.tree_map(lambda p: p + anchor.astype(p.dtype), layer_params)
             return block.apply({"params": layer_params}, h, *consts)[0]
         return accumulating_scan(layer_fn, stack.variables["params"], accumulator, x, *args)
     if isinstance(stack, (list, tuple)):

@@ -57,11 +57,12 @@ def _chunk(head: Head, params: Any, hidden: jax.Array, targets: jax.Array, weigh
     """One chunk: (CE sum, d sum / d params or None, d sum / d hidden or None)."""
     logits, vjp = jax.vjp(lambda p, h: head(p, h).astype(jnp.float32), params, hidden)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # the target's logit as a masked sum (exact: one term): a gather would pull a vocab-sharded row together
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target_logits = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
     loss = jnp.sum((log_z - target_logits) * weights)
     if not (grad_params or grad_hidden):
         return loss, None, None
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     probs = jnp.exp(logits - log_z[..., None])
     d_logits = jnp.where(vocab == targets[..., None], probs - 1.0, probs) * weights[..., None]
     d_params, d_hidden = vjp(d_logits)

@@ -73,6 +73,27 @@ def _split_micro_batches(batch: dict, num_micro: int, mesh: Mesh) -> dict:
     return jax.tree_util.tree_map(split, batch)
 
 
+# train.loss_vocab_parallel: inside the loss chunks the hidden states are gathered over the batch and the logits
+# (so the LM-head kernel and its gradient) are sharded over the vocabulary on the batch axes: a chunk then moves
+# [B, chunk, E] of activations instead of gathering the whole [E, V] kernel (FSDP), and never holds it.
+VOCAB_PARALLEL_RULES = (("activation_batch", None), ("activation_vocab", BATCH_AXES))
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def vocab_sharded(head: Any, vocab_size: int) -> Any:
+    """The LM-head params constrained to be sharded over their vocabulary dim on the batch axes (else whole)."""
+    return jax.tree_util.tree_map(lambda leaf: jax.lax.with_sharding_constraint(
+        leaf, P(*[BATCH_AXES if size == vocab_size else None for size in leaf.shape])), head)
+
+
+def uses_vocab_parallel_loss(config: Config, mesh: Mesh) -> bool:
+    """train.loss_vocab_parallel on a data / fsdp mesh (tensor parallelism already shards the vocabulary) with
+    more than one batch shard, their number dividing the vocabulary."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return (config.train.loss_vocab_parallel and mesh.shape["tensor"] == 1 and shards > 1
+            and config.model.decoder.vocab_size % shards == 0)
+
+
 def in_place_stacks(config: Config, frozen: tuple[str, ...]) -> tuple[str, ...]:
     """The param groups whose layer stacks accumulate their weight gradients in place (`models/accumulate.py`):
     trainable towers, with gradient accumulation, scanned stacks, full remat and train.accumulate_in_place."""
@@ -89,9 +110,14 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
     pixel_mean, pixel_std = image_stats(config)    # the host-side eval/generate normalisation uses the same
 
     def head(params, hidden):
-        return model.apply({"params": params}, hidden, method=LlavaModel.logits)
+        if not vocab_parallel:
+            return model.apply({"params": params}, hidden, method=LlavaModel.logits)
+        with nn.logical_axis_rules(VOCAB_PARALLEL_RULES + LOGICAL_RULES):
+            hidden = nn.with_logical_constraint(hidden, ACTIVATION_AXES)
+            return model.apply({"params": vocab_sharded(params, config.model.decoder.vocab_size)}, hidden, method=LlavaModel.logits)
 
     stacks = in_place_stacks(config, frozen)
+    vocab_parallel = uses_vocab_parallel_loss(config, setup.mesh)
     anyres = config.model.anyres.enabled
 
     def micro_loss(trainable, frozen_params, micro, denominator, accumulators):
