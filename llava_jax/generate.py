@@ -19,13 +19,17 @@ different image sizes thus share one compilation per (P, I, C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
 from llava_jax.config import Config, ModelConfig
 from llava_jax.data.bad_samples import BadSample
@@ -35,6 +39,7 @@ from llava_jax.data.tokenizers import make_tokenizer
 from llava_jax.model_params import load_model
 from llava_jax.models.anyres_features import TEXT, check_feature_ids
 from llava_jax.models.llava import LlavaModel, check_image_tokens
+from llava_jax.sharding import LOGICAL_RULES, host_batch_to_global
 
 PROMPT_LENGTH_MULTIPLE = 16
 
@@ -81,11 +86,20 @@ class PaddedPrompts(NamedTuple):
     lengths: np.ndarray       # [B] int32, L_b
 
 
-def left_pad(prompts: Sequence[np.ndarray], pad_id: int) -> PaddedPrompts:
+def padded_prompt_length(longest: int) -> int:
+    """The prompt slots of a batch whose longest prompt has `longest` tokens (a multiple of
+    PROMPT_LENGTH_MULTIPLE, so batches of similar lengths share one compilation)."""
+    return -(-longest // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
+
+
+def left_pad(prompts: Sequence[np.ndarray], pad_id: int, length: Optional[int] = None) -> PaddedPrompts:
+    """Prompts right-aligned in `length` slots (default: `padded_prompt_length` of the longest)."""
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() == 0:
         raise ValueError(f"prompt {int(np.argmin(lengths))} is empty; generation needs at least one prompt token")
-    padded = -(-int(lengths.max()) // PROMPT_LENGTH_MULTIPLE) * PROMPT_LENGTH_MULTIPLE
+    padded = padded_prompt_length(int(lengths.max())) if length is None else length
+    if padded < lengths.max():
+        raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit in {padded} slots")
     input_ids = np.full((len(prompts), padded), pad_id, np.int32)
     segment_ids = np.zeros((len(prompts), padded), np.int32)
     positions = np.zeros((len(prompts), padded), np.int32)
@@ -177,6 +191,19 @@ def _programs(model_config: ModelConfig) -> _Programs:
     return _PROGRAMS[key]
 
 
+def params_mesh(params) -> Optional[Mesh]:
+    """The mesh `params` are sharded over (model_params.load_model, a training state), or None for params on one
+    device (then generation runs there, on host inputs)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def batch_shards(mesh: Optional[Mesh]) -> int:
+    """Rows a generation batch must be a multiple of: the mesh's data x fsdp shards (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def generate_tokens(model_config: ModelConfig, params, prompt_ids_list: Sequence[np.ndarray],
                     pixel_values: Optional[np.ndarray], image_mask: Optional[np.ndarray], max_new_tokens: int,
                     eos_id: int, pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -185,30 +212,79 @@ def generate_tokens(model_config: ModelConfig, params, prompt_ids_list: Sequence
     """New tokens [B, max_new_tokens] int32 for B prompts (int ids with each image's tokens already expanded) and
     their images pixel_values [B, I, S, S, 3] / image_mask [B, I] (None: text only). A row's EOS is kept and
     followed by pad_id. Sampling (temperature > 0) needs an explicit `rng`. anyres models: pixel_values
-    [B, I, C, S, S, 3] and `image_feature_ids_list`, one int32 [L_b] per prompt (data.anyres_inputs)."""
+    [B, I, C, S, S, 3] and `image_feature_ids_list`, one int32 [L_b] per prompt (data.anyres_inputs).
+    Params sharded over a mesh (`params_mesh`) get the batch sharded over its data x fsdp axes (rows padded to a
+    multiple of them). Single process; `generate_shares` is the multi-process form."""
+    mesh = params_mesh(params)
+    rows = len(prompt_ids_list)
+    extra = -rows % batch_shards(mesh)
+    if extra:    # padding rows repeat the first prompt and are dropped
+        prompt_ids_list = list(prompt_ids_list) + [prompt_ids_list[0]] * extra
+        if pixel_values is not None:
+            pixel_values = np.concatenate([pixel_values, np.repeat(pixel_values[:1], extra, axis=0)])
+            image_mask = np.concatenate([image_mask, np.repeat(image_mask[:1], extra, axis=0)])
+        if image_feature_ids_list is not None:
+            image_feature_ids_list = list(image_feature_ids_list) + [image_feature_ids_list[0]] * extra
+    _, tokens = generate_shares(model_config, params, mesh, prompt_ids_list, pixel_values, image_mask,
+                                max_new_tokens, eos_id, pad_id, np.arange(len(prompt_ids_list)), temperature, top_k,
+                                top_p, rng, image_feature_ids_list)
+    return tokens[:rows]
+
+
+def generate_shares(model_config: ModelConfig, params, mesh: Optional[Mesh], prompt_ids_list: Sequence[np.ndarray],
+                    pixel_values: Optional[np.ndarray], image_mask: Optional[np.ndarray], max_new_tokens: int,
+                    eos_id: int, pad_id: int, row_ids: np.ndarray, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, rng: Optional[jax.Array] = None,
+                    image_feature_ids_list: Optional[Sequence[np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Generation on every process at once: each passes its own share of the batch (the same number of rows,
+    a multiple of `batch_shards(mesh)` / process count, arguments as `generate_tokens`) and int `row_ids` naming
+    them; all processes agree on the padded prompt length, the batch runs sharded over the mesh's data x fsdp
+    axes, and every process gets (row_ids [G], tokens [G, max_new_tokens]) of ALL G rows, in the same order."""
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     if sampling.temperature > 0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs an explicit rng (jax.random.key)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompts = left_pad(prompt_ids_list, pad_id)
+    longest = max(len(p) for p in prompt_ids_list)
+    if jax.process_count() > 1:
+        longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    prompts = left_pad(prompt_ids_list, pad_id, padded_prompt_length(longest))
     max_positions = model_config.decoder.max_position_embeddings
-    if int(prompts.lengths.max()) + max_new_tokens > max_positions:
-        raise ValueError(f"a prompt of {int(prompts.lengths.max())} tokens + max_new_tokens={max_new_tokens} goes "
-                         f"beyond model.decoder.max_position_embeddings={max_positions}; shorten the prompt or "
-                         "generate fewer tokens")
+    if longest + max_new_tokens > max_positions:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} goes beyond "
+                         f"model.decoder.max_position_embeddings={max_positions}; shorten the prompt or generate "
+                         "fewer tokens")
     num_images = 0 if pixel_values is None else pixel_values.shape[1]
     feature_ids = _anyres_feature_ids(model_config, prompts, prompt_ids_list, pixel_values, image_feature_ids_list)
     if feature_ids is None:
         check_image_tokens(prompts.input_ids, image_mask, num_images, model_config)
-    programs = _programs(model_config)
-    cache_length = prompts.input_ids.shape[1] + max_new_tokens
-    logits, cache = programs.prefill(params, prompts.input_ids, pixel_values, prompts.segment_ids,
-                                     prompts.positions, feature_ids, cache_length=cache_length)
-    tokens = programs.decode(params, cache, logits, prompts.lengths,
-                             jax.random.key(0) if rng is None else rng, cache_length=cache_length,
-                             max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sampling=sampling)
-    return np.asarray(tokens)
+    inputs = {"input_ids": prompts.input_ids, "segment_ids": prompts.segment_ids, "positions": prompts.positions,
+              "lengths": prompts.lengths, "row_ids": np.asarray(row_ids, np.int32), "pixel_values": pixel_values,
+              "image_feature_ids": feature_ids}
+    inputs = {key: value for key, value in inputs.items() if value is not None}
+    context = contextlib.nullcontext() if mesh is None else _on_mesh(mesh)
+    with context:
+        if mesh is not None:
+            inputs = host_batch_to_global(inputs, mesh)
+        programs = _programs(model_config)
+        cache_length = prompts.input_ids.shape[1] + max_new_tokens
+        logits, cache = programs.prefill(params, inputs["input_ids"], inputs.get("pixel_values"),
+                                         inputs["segment_ids"], inputs["positions"], inputs.get("image_feature_ids"),
+                                         cache_length=cache_length)
+        tokens = programs.decode(params, cache, logits, inputs["lengths"],
+                                 jax.random.key(0) if rng is None else rng, cache_length=cache_length,
+                                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, sampling=sampling)
+    if mesh is None or jax.process_count() == 1:
+        return np.asarray(inputs["row_ids"]), np.asarray(tokens)
+    return (np.asarray(multihost_utils.process_allgather(inputs["row_ids"], tiled=True)),
+            np.asarray(multihost_utils.process_allgather(tokens, tiled=True)))
+
+
+@contextlib.contextmanager
+def _on_mesh(mesh: Mesh):
+    """The model's logical activation constraints apply (batch over data x fsdp), as in training."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield
 
 
 def _anyres_feature_ids(model_config: ModelConfig, prompts: PaddedPrompts, prompt_ids_list, pixel_values,

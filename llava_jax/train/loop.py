@@ -28,6 +28,7 @@ from llava_jax.data.bad_samples import REASONS, BadSampleMonitor
 from llava_jax.data.pipeline import make_train_iterator
 from llava_jax.distributed import maybe_initialize_distributed
 from llava_jax.evaluate import evaluate
+from llava_jax.task_eval import run_task
 from llava_jax.runtime import resolve_auto
 from llava_jax.sharding import format_sharding_report, host_batch_to_global, make_mesh, sharding_report
 from llava_jax.train.flops import peak_flops, train_step_flops
@@ -108,6 +109,35 @@ def _next_global_batch(data, mesh, reporter: _Reporter) -> tuple[dict, float]:
     return host_batch_to_global(host_batch, mesh), time.time() - start
 
 
+def _has_eval_set(config: Config) -> bool:
+    return config.data.source in ("synthetic", "tfds") or config.data.eval_json_path is not None
+
+
+def _scalars(prefix: str, summary: dict, depth: int = 2) -> dict[str, float]:
+    """The numbers of a (nested) summary as flat "prefix/key/subkey" scalars, `depth` levels down."""
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+        elif isinstance(value, dict) and depth > 1:
+            out.update(_scalars(f"{prefix}/{key}", value, depth - 1))
+    return out
+
+
+def _evaluation(config: Config, params: Any, workdir: str, step: int) -> dict[str, float]:
+    """The eval set's scores (eval/<score>) and train.eval_tasks' summaries (eval/<task>/<score>)."""
+    scores = {}
+    if not config.train.eval_tasks or _has_eval_set(config):
+        scores.update(_scalars("eval", evaluate(config, params, limit=config.train.eval_limit), depth=1))
+    for task in config.train.eval_tasks:
+        summary = run_task(config, params, task.task, task.data, os.path.join(workdir, "eval", task.task,
+                                                                              f"step_{step}"),
+                           limit=task.limit, prompt_suffix=task.prompt_suffix, batch_size=task.batch_size,
+                           max_new_tokens=task.max_new_tokens, progress=False)
+        scores.update(_scalars(f"eval/{task.task}", summary))
+    return scores
+
+
 def train(config: Config, workdir: str) -> dict:
     """Trains up to train.steps from the newest checkpoint in WORKDIR/checkpoints (or checkpoint.load_dir, or
     train.init_from's params, or scratch); saves every checkpoint.every_steps, at the end and on preemption."""
@@ -152,8 +182,7 @@ def train(config: Config, workdir: str) -> dict:
             if preempted or step % config.checkpoint.every_steps == 0 or step == config.train.steps:
                 current.extra["checkpoint_blocking_s"] = checkpointer.save(step, state, data, run_config)
             if config.train.eval_every and step % config.train.eval_every == 0:
-                scores = evaluate(config, state.params, limit=config.train.eval_limit)
-                current.extra.update({f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))})
+                current.extra.update(_evaluation(config, state.params, workdir, step))
             if step < config.train.steps and not preempted:
                 batch, data_time = _next_global_batch(data, mesh, reporter)   # overlaps step `step`
             if pending is not None:
