@@ -68,6 +68,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, query_segment_ids: Op
     return splash_attention(q, k, v, query_segment_ids, key_segment_ids, causal)
 
 
+def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, *, query_segment_ids: jax.Array,
+                     key_segment_ids: jax.Array, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """Causal attention on a KV cache stored heads first (layers.write_kv_cache): q [B, T, H, D], k_t [B, K, D, S],
+    v [B, K, S, D], segment ids / positions [B, T] / [B, S] -> [B, T, H, D]. The xla kernel's rule and matmuls
+    (`_attention_core`), without transposing the cache."""
+    groups = q.shape[2] // k_t.shape[1]
+    mask = make_attention_mask(query_segment_ids, key_segment_ids, True, query_positions, key_positions,
+                               lengths=(q.shape[1], k_t.shape[3]))
+    out = _attention_forward(_heads_first(q, groups), None, k_t, v, None, mask[:, None], groups)[0]
+    return _heads_last(out, groups)
+
+
 def causal_block_count(length: int) -> int:
     """Query blocks for causal xla self-attention over `length` positions (see `xla_attention`)."""
     return min(CAUSAL_BLOCKS, max(1, length // CAUSAL_BLOCK_ROWS))

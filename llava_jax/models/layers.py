@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.models.accumulate import accumulating_scan
-from llava_jax.models.attention import attention
+from llava_jax.models.attention import attention, cached_attention
 from llava_jax.models.cpu_layout import on_cpu, swap_last_two
 
 Dtype = Any
@@ -186,14 +186,18 @@ class CachedKeys(NamedTuple):
 
 def write_kv_cache(module: nn.Module, k: jax.Array, v: jax.Array, index: jax.Array, length: int
                    ) -> tuple[jax.Array, jax.Array]:
-    """Static KV cache in `module`'s "cache" collection: writes k/v [B, T, K, D] at slots [index, index + T) of
-    `cached_key` / `cached_value` [B, length, K, D] (zeros when first created) and returns both whole caches."""
+    """Static KV cache in `module`'s "cache" collection, heads first in the layouts attention's matmuls read (so a
+    decode step never transposes the whole cache): writes k/v [B, T, K, D] at slots [index, index + T) of
+    `cached_key_t` [B, K, D, length] (keys transposed) / `cached_value` [B, K, length, D] (zeros when first
+    created) and returns both whole caches."""
     batch, _, kv_heads, head_dim = k.shape
-    cached_key = module.variable("cache", "cached_key", jnp.zeros, (batch, length, kv_heads, head_dim), k.dtype)
-    cached_value = module.variable("cache", "cached_value", jnp.zeros, (batch, length, kv_heads, head_dim), v.dtype)
-    cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, k, index, axis=1)
-    cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, v, index, axis=1)
-    return cached_key.value, cached_value.value
+    cached_key_t = module.variable("cache", "cached_key_t", jnp.zeros, (batch, kv_heads, head_dim, length), k.dtype)
+    cached_value = module.variable("cache", "cached_value", jnp.zeros, (batch, kv_heads, length, head_dim), v.dtype)
+    cached_key_t.value = jax.lax.dynamic_update_slice_in_dim(cached_key_t.value, k.transpose(0, 2, 3, 1), index,
+                                                             axis=3)
+    cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value, v.transpose(0, 2, 1, 3), index,
+                                                             axis=2)
+    return cached_key_t.value, cached_value.value
 
 
 class Attention(nn.Module):
@@ -234,10 +238,9 @@ class Attention(nn.Module):
             out = attention(q, k, v, query_segment_ids=segment_ids, key_segment_ids=segment_ids, causal=self.causal,
                             kernel=self.kernel)
         else:
-            k, v = write_kv_cache(self, k, v, cache.write_index, cache.segment_ids.shape[1])
-            out = attention(q, k, v, query_segment_ids=segment_ids, key_segment_ids=cache.segment_ids,
-                            causal=self.causal, query_positions=positions, key_positions=cache.positions,
-                            kernel="xla")
+            k_t, v = write_kv_cache(self, k, v, cache.write_index, cache.segment_ids.shape[1])
+            out = cached_attention(q, k_t, v, query_segment_ids=segment_ids, key_segment_ids=cache.segment_ids,
+                                   query_positions=positions, key_positions=cache.positions)
         out = nn.with_logical_constraint(out, heads_axes).reshape(batch, length, self.num_heads * self.head_dim)
         return dense(self.hidden_size, ROW_KERNEL_AXES[self.row_sharding]["heads"], use_bias=self.out_bias,
                      dtype=self.dtype, name="o_proj")(out)
