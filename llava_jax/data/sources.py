@@ -146,7 +146,8 @@ def _source(kind: str, config, split: str, json_path=None, image_root=None, tfds
     data = config.data
     if kind == "synthetic":
         size = data.synthetic_size if split == "train" else data.synthetic_eval_size
-        return SyntheticSource(split, size, config.model.vision.image_size, data.synthetic_seed)
+        return SyntheticSource(split, size, config.model.vision.image_size, data.synthetic_seed,
+                               data.synthetic_question_kinds)
     if kind == "llava_json":
         return LlavaJsonSource(json_path, image_root)
     return TfdsSource(tfds_name, data.tfds_data_dir, data.tfds_split if split == "train" else data.tfds_eval_split,

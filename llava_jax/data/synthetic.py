@@ -1,9 +1,10 @@
 """Synthetic shapes VQA: 1-3 coloured shapes in a plus-shaped layout, one single-word question each.
 
-Public surface: `SyntheticSource(split, size, image_size, seed)` (lazy random access; Example per index),
-`scene_at(seed, split, index)`, `render(scene, image_size)`, and the CLI
-`python -m llava_jax.data.synthetic --out DIR --num N [--split train|eval] [--image-size S] [--seed S]` that
-writes DIR/{split}.json (LLaVA JSON, image paths relative to DIR) and DIR/images/*.png.
+Public surface: `SyntheticSource(split, size, image_size, seed, question_kinds=None)` (lazy random access; Example
+per index), `scene_at(seed, split, index, question_kinds=None)`, `question_kinds_of(kinds)`, `render(scene,
+image_size)`, and the CLI `python -m llava_jax.data.synthetic --out DIR --num N [--split train|eval]
+[--image-size S] [--seed S] [--kinds KIND ...]` that writes DIR/{split}.json (LLaVA JSON, image paths relative to
+DIR) and DIR/images/*.png. `question_kinds` (data.synthetic_question_kinds) keeps only questions of those kinds.
 Every question kind has a uniform answer over a small vocabulary, so a blind model stays near 25-33 %.
 """
 from __future__ import annotations
@@ -73,7 +74,19 @@ def split_of(scene: Scene) -> str:
     return "eval" if int.from_bytes(digest, "little") % EVAL_BUCKETS == 0 else "train"
 
 
-def _draw_scene(rng: np.random.Generator) -> Scene:
+def question_kinds_of(kinds) -> tuple[str, ...]:
+    """The question kinds to draw from, in QUESTION_KINDS order: all of them for None, else those of `kinds`
+    (data.synthetic_question_kinds; duplicates ignored). All four kinds in any order give the scenes of None."""
+    if kinds is None:
+        return QUESTION_KINDS
+    unknown = sorted(set(kinds) - set(QUESTION_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"data.synthetic_question_kinds: {unknown or 'an empty list'} given; list at least one of "
+                         f"{', '.join(QUESTION_KINDS)}, or null for all of them")
+    return tuple(kind for kind in QUESTION_KINDS if kind in kinds)
+
+
+def _draw_scene(rng: np.random.Generator, kinds: tuple[str, ...] = QUESTION_KINDS) -> Scene:
     count = int(rng.integers(1, 4))
     shapes = rng.permutation(len(SHAPES))[:count]
     colors = rng.permutation(len(COLORS))[:count]
@@ -84,16 +97,18 @@ def _draw_scene(rng: np.random.Generator) -> Scene:
         slack = (100 - size) // 2
         dx, dy = (int(v) for v in rng.integers(-slack, slack + 1, size=2))
         objects.append(SceneObject(SHAPES[shape], list(COLORS)[color], list(SLOTS)[slot], size, dx, dy))
-    kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
+    kind = kinds[int(rng.integers(len(kinds)))]     # all kinds: the same draws as before kinds could be chosen
     return Scene(tuple(objects), kind, int(rng.integers(count)))
 
 
-def scene_at(seed: int, split: str, index: int) -> Scene:
-    """The index-th scene of a split: deterministic in (seed, split, index); redrawn until it hashes into
-    `split`, so no (image, question) of one split occurs in the other."""
+def scene_at(seed: int, split: str, index: int, question_kinds=None) -> Scene:
+    """The index-th scene of a split: deterministic in (seed, split, index, question kinds); redrawn until it
+    hashes into `split`, so no (image, question) of one split occurs in the other. `question_kinds`: see
+    `question_kinds_of` (None: all kinds)."""
+    kinds = question_kinds_of(question_kinds)
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     while True:
-        scene = _draw_scene(rng)
+        scene = _draw_scene(rng, kinds)
         if split_of(scene) == split:
             return scene
 
@@ -125,16 +140,19 @@ def render(scene: Scene, image_size: int) -> Image.Image:
 class SyntheticSource:
     """Random-access synthetic split: renders scene `index` on demand (nothing is generated up front)."""
 
-    def __init__(self, split: str, size: int, image_size: int, seed: int = 0):
+    def __init__(self, split: str, size: int, image_size: int, seed: int = 0, question_kinds=None):
         if split not in SPLITS:
             raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
+        self.question_kinds = question_kinds_of(question_kinds)
 
     def __len__(self) -> int:
         return self.size
 
     def __repr__(self) -> str:
-        return f"SyntheticSource(split={self.split}, size={self.size}, image_size={self.image_size}, seed={self.seed})"
+        kinds = "" if self.question_kinds == QUESTION_KINDS else f", question_kinds={list(self.question_kinds)}"
+        return (f"SyntheticSource(split={self.split}, size={self.size}, image_size={self.image_size}, "
+                f"seed={self.seed}{kinds})")
 
     def describe(self, index: int) -> str:
         return f"synthetic {self.split} sample {index} (seed {self.seed})"
@@ -142,18 +160,20 @@ class SyntheticSource:
     def __getitem__(self, index: int) -> Example:
         if not 0 <= index < self.size:
             raise IndexError(f"{self!r} has no index {index}")
-        scene = scene_at(self.seed, self.split, index)
+        scene = scene_at(self.seed, self.split, index, self.question_kinds)
         return Example(id=f"synthetic-{self.split}-{index}",
                        turns=[("user", f"{IMAGE_PLACEHOLDER}\n{scene.question}"), ("assistant", scene.answer)],
                        images=[render(scene, self.image_size)])
 
 
-def write_llava_json(out: str, num: int, split: str = "train", image_size: int = 64, seed: int = 0) -> str:
+def write_llava_json(out: str, num: int, split: str = "train", image_size: int = 64, seed: int = 0,
+                     question_kinds=None) -> str:
     """Writes `num` samples of a split as DIR/{split}.json + DIR/images/{split}_NNNNNN.png; returns the JSON path."""
+    kinds = question_kinds_of(question_kinds)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     records = []
     for index in range(num):
-        scene = scene_at(seed, split, index)
+        scene = scene_at(seed, split, index, kinds)
         image = f"images/{split}_{index:06d}.png"
         render(scene, image_size).save(os.path.join(out, image))
         records.append({"id": f"synthetic-{split}-{index}", "image": image,
@@ -172,8 +192,10 @@ def main(argv=None) -> None:
     parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", nargs="+", choices=QUESTION_KINDS, default=None,
+                        help="only questions of these kinds (default: all)")
     args = parser.parse_args(argv)
-    path = write_llava_json(args.out, args.num, args.split, args.image_size, args.seed)
+    path = write_llava_json(args.out, args.num, args.split, args.image_size, args.seed, args.kinds)
     print(f"wrote {args.num} {args.split} samples to {path}")
 
 
