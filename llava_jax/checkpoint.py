@@ -315,4 +315,5 @@ def load_init_params(path: str, setup: TrainSetup) -> InitParams:
     return InitParams(
         source=str(source.item_dir), params=traverse_util.flatten_dict(restored, sep="/"),
         missing=sorted(set(wanted) - set(saved)), unused=sorted(set(saved) - set(wanted)),
-        model_differences=[f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items()])
+        model_differences=[f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items()
+                           if old != "auto"])       # an `auto` setting resolves per machine (runtime.resolve_auto)

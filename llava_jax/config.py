@@ -85,6 +85,26 @@ class AnyresConfig:
     max_crops: Optional[int] = None
 
 
+# kernels LoRA can adapt: attention q/k/v/o (both towers), the decoder's gated MLP, the vision MLP
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+
+
+@dataclass
+class LoraConfig:
+    """`train.lora`: low-rank adapters on the chosen kernels (LLaVA's finetune_lora.sh; PEFT's LoraConfig)."""
+    rank: int = 0                     # 0: no LoRA
+    alpha: float = 16.0               # the update is (alpha / rank) x B A
+    dropout: float = 0.0              # on the adapter's input, training only
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    vision: bool = False              # adapters in the vision tower too (its q/k/v/out_proj, fc1/fc2 by name)
+    learning_rate: Optional[float] = None    # null: train.learning_rate
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 @dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -103,6 +123,8 @@ class ModelConfig:
     # of 128 (5120 / 16 = 320) XLA:TPU then neither pads the shards to 384 lanes nor relayouts weights, gradients
     # and Adam moments around the update (13B stage 2 on 16 chips: 18.6 -> 16.1 GiB; sharding.LOGICAL_RULES)
     fsdp_row_kernels: Literal["embed", "input"] = "embed"
+    # train.lora, which the model needs to build its adapters; set from it, never read from or written to YAML
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"derived": True})
 
     @property
     def vision_layers_used(self) -> int:
@@ -177,6 +199,8 @@ class DataConfig:
     synthetic_size: int = 20000
     synthetic_eval_size: int = 500
     synthetic_seed: int = 0                          # fixes the synthetic scenes (independent of train.seed)
+    # only questions of these kinds (null: all of color, shape, count, position), e.g. to hold one kind out
+    synthetic_question_kinds: Optional[list[Literal["color", "shape", "count", "position"]]] = None
     tokenizer: str = "byte"                          # "byte", an HF tokenizer directory, a tokenizer.json or a *.model
     bos_token: Optional[str] = None                  # special-token strings; null = looked up in the tokenizer
     eos_token: Optional[str] = None
@@ -244,6 +268,9 @@ class TrainConfig:
     # benchmark tasks scored every eval_every steps into metrics.jsonl / TensorBoard as eval/<task>/<score>, their
     # predictions kept in <workdir>/eval/<task>/step_<n>; with tasks, the eval set runs only where there is one
     eval_tasks: list[EvalTask] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # frozen params (no gradient, no optimizer state) kept in this dtype: bfloat16 halves their memory
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
     init_from: Optional[str] = None
 
 
@@ -358,9 +385,13 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _derived(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("derived"))
+
+
 def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if not _derived(f)}
     kwargs = {}
     for name, value in values.items():
         if name not in names:
@@ -371,6 +402,7 @@ def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
 
 def config_from_dict(values: dict) -> Config:
     config = _from_dict(Config, values or {})
+    config.model.lora = config.train.lora
     validate(config)
     return config
 
@@ -383,8 +415,10 @@ def config_to_dict(config: Any) -> dict:
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if not _derived(f)}
         return value
-    return plain(dataclasses.asdict(config))
+    return plain(config)
 
 
 def config_to_yaml(config: Any) -> str:
@@ -570,6 +604,15 @@ def _validate_train(c: Config) -> None:
     _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
     _require(0.0 <= t.min_learning_rate_ratio <= 1.0, "train.min_learning_rate_ratio", "must be in [0, 1]")
+    lora = t.lora
+    _require(lora.rank >= 0, "train.lora.rank", "must be >= 0 (0 = no LoRA)")
+    if lora.enabled:
+        _require(lora.alpha > 0, "train.lora.alpha", "must be positive")
+        _require(0.0 <= lora.dropout < 1.0, "train.lora.dropout", "must be in [0, 1)")
+        unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
+        _require(bool(lora.targets) and not unknown, "train.lora.targets",
+                 f"{unknown or 'nothing'} given; targets are kernel names among {', '.join(LORA_TARGETS)}")
+        _require(lora.learning_rate is None or lora.learning_rate > 0, "train.lora.learning_rate", "must be positive")
     for k, task in enumerate(t.eval_tasks):
         key = f"train.eval_tasks[{k}]"
         _require(bool(task.data), f"{key}.data", f"names no files for task {task.task}")

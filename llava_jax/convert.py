@@ -6,6 +6,12 @@ is the converted model; usable as --config), `params/` (the unboxed params tree,
 when there is one, `tokenizer/` (transformers files with "<image>", and "<pad>" if the tokenizer had no pad token;
 `data.tokenizer` points at it). `--set key=value` overrides apply on top of the converted config. Directories are
 read back with `llava_jax.model_params.load_model`, which also reads training runs (jax-to-hf exports either).
+
+LoRA (train.lora; llava_jax.hf.lora): `hf-to-jax --adapter DIR` adds a PEFT LoRA adapter (adapter_config.json +
+adapter_model.safetensors, its projector from modules_to_save) to the converted base, and config.yaml gets the
+matching train.lora. A LoRA model exports only with `jax-to-hf --lora peft` (OUT/ = the base model, its trained
+projector included; OUT/adapter/ = the PEFT adapter, loaded with `PeftModel.from_pretrained(base, OUT/adapter)`) or
+`--lora merge` (OUT/ = a plain model, W + (alpha / r) A B folded into each adapted kernel).
 """
 from __future__ import annotations
 
@@ -19,13 +25,17 @@ import jax
 import orbax.checkpoint as ocp
 
 from llava_jax.anyres_grid import DEFAULT_GRID_PINPOINTS
-from llava_jax.config import Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, save_config
+from llava_jax.config import (Config, LoraConfig, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
+                              save_config)
 from llava_jax.data.tokenizers import llava_tokenizer
 from llava_jax.hf import conform_params, load_hf_llava, load_hf_towers, save_hf_llava
+from llava_jax.hf.lora import lora_config_from_peft, merged_params, params_from_peft, save_peft_adapter
+from llava_jax.models.layers import LORA
 from llava_jax.model_params import CONVERTED_CONFIG, CONVERTED_PARAMS, load_model
 
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+ADAPTER_DIR = "adapter"      # jax-to-hf --lora peft: OUT/adapter/ holds the PEFT adapter, OUT/ the base model
 
 
 def save_converted(out_dir, config: Config, params: Any, tokenizer=None) -> None:
@@ -42,15 +52,25 @@ def save_converted(out_dir, config: Config, params: Any, tokenizer=None) -> None
     checkpointer.wait_until_finished()
 
 
-def run_config(model_config: ModelConfig, overrides: Sequence[str] = ()) -> Config:
-    """A full run config around `model_config`, with dotted `key=value` overrides applied and validated."""
-    return config_from_dict(apply_overrides({"model": config_to_dict(model_config)}, overrides))
+def run_config(model_config: ModelConfig, overrides: Sequence[str] = (), lora: Optional[LoraConfig] = None) -> Config:
+    """A full run config around `model_config` (and `lora` as train.lora), with dotted `key=value` overrides
+    applied and validated."""
+    values = {"model": config_to_dict(model_config)}
+    if lora is not None:
+        values["train"] = {"lora": config_to_dict(lora)}
+    return config_from_dict(apply_overrides(values, overrides))
 
 
-def _convert(model_config: ModelConfig, params: Any, overrides: Sequence[str], out_dir: str, tokenizer=None) -> None:
+def _convert(model_config: ModelConfig, params: Any, overrides: Sequence[str], out_dir: str, tokenizer=None,
+             adapter: Optional[str] = None) -> None:
+    """Saves the converted model; with `adapter` (a PEFT LoRA directory) its adapters and projector replace the
+    base's, and train.lora is set from it (before `overrides`, which must agree with it)."""
     if tokenizer is not None:
         overrides = [f"data.tokenizer={Path(out_dir).absolute() / TOKENIZER_DIR}", *overrides]
-    config = run_config(model_config, overrides)
+    lora = lora_config_from_peft(model_config, adapter) if adapter else None
+    config = run_config(model_config, overrides, lora)
+    if adapter:
+        params = {**params, **params_from_peft(config, adapter)}
     save_converted(out_dir, config, conform_params(params, config.model), tokenizer)
 
 
@@ -69,7 +89,7 @@ def _hf_to_jax(args: argparse.Namespace) -> None:
     if tokenizer is not None and tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
         raise ValueError(f"the tokenizer of {source} has <image> = {tokenizer.convert_tokens_to_ids('<image>')} "
                          f"but the model's image_token_index is {config.image_token_id}")
-    _convert(config, params, args.set, args.out, tokenizer)
+    _convert(config, params, args.set, args.out, tokenizer, adapter=args.adapter)
 
 
 def _towers(args: argparse.Namespace) -> None:
@@ -104,7 +124,21 @@ def _grid_pinpoints(args: argparse.Namespace) -> Optional[list]:
 
 def _jax_to_hf(args: argparse.Namespace) -> None:
     config, params = load_model(args.src)
-    save_hf_llava(config.model, jax.device_get(params), args.out)
+    lora = config.train.lora
+    if lora.enabled and not args.lora:
+        raise ValueError(f"{args.src} has LoRA adapters (train.lora.rank={lora.rank}); the base model alone would "
+                         "drop them: add --lora peft (base model + PEFT adapter in OUT/adapter) or --lora merge "
+                         "(adapters folded into the weights)")
+    if args.lora and not lora.enabled:
+        raise ValueError(f"--lora {args.lora}: {args.src} has no LoRA adapters (train.lora.rank=0); drop --lora")
+    params = jax.device_get(params)
+    base = merged_params(config, params) if args.lora == "merge" else {k: v for k, v in params.items() if k != LORA}
+    save_hf_llava(config.model, base, args.out)
+    if args.lora == "peft":
+        save_peft_adapter(config, params, Path(args.out) / ADAPTER_DIR, str(Path(args.out).absolute()))
+        if config.model.anyres.enabled:
+            print(f"note: image_newline is no module, so PEFT cannot save it with the adapter; the trained one is in "
+                  f"the base model {args.out}", file=sys.stderr)
     if config.data.tokenizer != "byte":
         llava_tokenizer(config.data.tokenizer).save_pretrained(args.out)
 
@@ -118,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
 
     hf_to_jax = commands.add_parser("hf-to-jax", help="LlavaForConditionalGeneration directory -> llava-jax")
     hf_to_jax.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
+    hf_to_jax.add_argument("--adapter", default=None, metavar="DIR",
+                           help="PEFT LoRA adapter of that model (adapter_config.json + adapter_model.safetensors): "
+                                "its adapters and projector are loaded and train.lora set to match")
     hf_to_jax.set_defaults(run=_hf_to_jax)
 
     towers = commands.add_parser("towers", help="vision tower + language model directories -> fresh llava-jax")
@@ -151,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
                            "(its newest checkpoint) or one checkpoint directory")
     jax_to_hf.add_argument("--out", required=True, help="output directory (config.json, model.safetensors and the "
                            "tokenizer files)")
+    jax_to_hf.add_argument("--lora", choices=("peft", "merge"), default=None,
+                           help="required for a LoRA model: peft writes the base model to OUT and a PEFT adapter to "
+                                f"OUT/{ADAPTER_DIR}; merge writes one plain model with the adapters folded in")
     jax_to_hf.set_defaults(run=_jax_to_hf)
     return parser
 

@@ -38,7 +38,7 @@ from llava_jax.data.templates import IMAGE_PLACEHOLDER, answer_end_id, get_templ
 from llava_jax.data.tokenizers import make_tokenizer
 from llava_jax.model_params import load_model
 from llava_jax.models.anyres_features import TEXT, check_feature_ids
-from llava_jax.models.llava import LlavaModel, check_image_tokens
+from llava_jax.models.llava import LlavaModel, check_image_tokens, model_variables
 from llava_jax.sharding import LOGICAL_RULES, host_batch_to_global
 
 PROMPT_LENGTH_MULTIPLE = 16
@@ -132,13 +132,13 @@ def _prefill(model: LlavaModel, params, input_ids, pixel_values, segment_ids, po
         hidden = module(input_ids, pixel_values, segment_ids=segment_ids, positions=positions,
                         cache_length=cache_length, return_hidden=True, image_feature_ids=image_feature_ids)
         return module.logits(hidden[:, -1:])[:, 0]
-    logits, variables = model.apply({"params": params}, method=last_token_logits, mutable=["cache"])
+    logits, variables = model.apply(model_variables(params), method=last_token_logits, mutable=["cache"])
     return logits, variables["cache"]
 
 
 def _decode_step(model: LlavaModel, params, cache, tokens, positions, cache_length: int):
     """tokens / positions [B] -> (logits [B, V] for the next token, updated cache)."""
-    logits, variables = model.apply({"params": params, "cache": cache}, tokens[:, None],
+    logits, variables = model.apply({**model_variables(params), "cache": cache}, tokens[:, None],
                                     segment_ids=jnp.ones_like(tokens)[:, None], positions=positions[:, None],
                                     cache_length=cache_length, mutable=["cache"])
     return logits[:, 0], variables["cache"]

@@ -22,7 +22,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from llava_jax.config import Config, ConfigError, MeshConfig, apply_overrides, config_from_dict
-from llava_jax.models.llava import LlavaModel, dummy_inputs
+from llava_jax.models.llava import LlavaModel, dummy_inputs, params_of
 from llava_jax.sharding import LOGICAL_RULES, make_mesh, tree_shardings
 
 CHECKPOINT_DIR = "checkpoints"
@@ -34,7 +34,7 @@ def abstract_params(model: LlavaModel, mesh: Mesh) -> tuple[Any, Any]:
     """(params as jax.ShapeDtypeStructs carrying their NamedShardings, the shardings) from the model's logical
     axes and the LOGICAL_RULES table; nothing is allocated."""
     with nn.logical_axis_rules(LOGICAL_RULES):
-        boxed = jax.eval_shape(lambda rng: model.init(rng, *dummy_inputs(model.config))["params"],
+        boxed = jax.eval_shape(lambda rng: params_of(model.init(rng, *dummy_inputs(model.config))),
                                jax.random.PRNGKey(0))
     shardings = tree_shardings(boxed, mesh)
     abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),

@@ -1,7 +1,7 @@
 """AOT memory planner: compiles the real train step for N devices from abstract shapes only (no parameter is
 materialised, no data or tokenizer is read) and reports what one device has to hold.
 
-    python -m llava_jax.plan --config PATH [--set KEY=VALUE ...] [--devices N | --topology NAME]
+    python -m llava_jax.plan --config PATH [--set KEY=VALUE ...] [--devices N] [--topology NAME]
                              [--device-memory-gib G] [--search] [--explain N]
 
 Prints one JSON object: per-device bytes from XLA's memory analysis (arguments, outputs, aliased, temporaries and
@@ -222,7 +222,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="YAML run config (default: config defaults only)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set train.micro_batch_size=1 model.remat=full")
-    parser.add_argument("--devices", type=int, default=8, help="devices to plan for (fake CPU devices)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="devices to plan for: fake CPU devices (default 8), or with --topology the first N "
+                             "chips of the slice (e.g. one chip)")
     parser.add_argument("--topology", default=None, metavar="NAME",
                         help="compile for this TPU slice with XLA:TPU (e.g. v5e:4x4; needs libtpu, not a TPU)")
     parser.add_argument("--device-memory-gib", type=float, default=16.0, help="memory of one device, GiB")
@@ -241,11 +243,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.topology:
-        devices = tpu_devices(args.topology)
+        devices = tpu_devices(args.topology)[:args.devices]
     else:
+        count = args.devices or 8
         if "jax" not in sys.modules:
-            use_fake_cpu_devices(args.devices)
-        devices = cpu_devices(args.devices)
+            use_fake_cpu_devices(count)
+        devices = cpu_devices(count)
     memory_bytes = args.device_memory_gib * GIB
     report = {"config": args.config, "overrides": args.overrides,
               **plan_step(config, devices, memory_bytes, explain=args.explain)}

@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp_in", ("tensor", "fsdp")),
     ("heads_in", ("tensor", "fsdp")),
     ("embed_out", None),
+    ("lora_rank", "fsdp"),        # a LoRA B [rank, out]: over fsdp where its output dim is not (q/k/v/gate/up)
     ("layers", None),
     ("norm", None),
     ("patch", None),

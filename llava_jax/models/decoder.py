@@ -29,11 +29,12 @@ class DecoderBlock(nn.Module):
         h = RMSNorm(d.rms_norm_eps, dtype, name="input_layernorm")(x)
         attention = Attention(d.num_heads, d.num_kv_heads, d.head_dim, d.hidden_size, qkv_bias=d.qkv_bias,
                               out_bias=False, causal=True, kernel=self.config.attention, rope_theta=d.rope_theta,
-                              dtype=dtype, row_sharding=self.config.fsdp_row_kernels, name="self_attn")
+                              dtype=dtype, row_sharding=self.config.fsdp_row_kernels, lora=self.config.lora,
+                              name="self_attn")
         x = x + attention(h, segment_ids, positions, cache)
         h = RMSNorm(d.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
         x = x + Mlp(d.hidden_size, d.mlp_dim, "silu", gated=True, use_bias=False, dtype=dtype,
-                    row_sharding=self.config.fsdp_row_kernels, name="mlp")(h)
+                    row_sharding=self.config.fsdp_row_kernels, lora=self.config.lora, name="mlp")(h)
         return constrain(x), None
 
 

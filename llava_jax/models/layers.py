@@ -61,9 +61,53 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     return _matmul_nn_grads(lhs, rhs)
 
 
+LORA = "lora"     # the variable collection of the LoRA adapters (models/llava.py folds it into params["lora"])
+
+
+class LoraDense(nn.Module):
+    """nn.Dense (same params: kernel [in, out], bias [out]) plus a low-rank update in the "lora" collection:
+    y = x W + b + (alpha / rank) (dropout(x) A) B, A [in, rank] (PEFT's lora_A, Kaiming-uniform) sharded like the
+    kernel's input, B [rank, out] (lora_B, zeros: the adapter starts as the identity) like its output. Dropout runs
+    only when the caller supplies a "dropout" rng (the train step). B's rank dim has the logical axis "lora_rank"
+(fsdp), so B is sharded where its output dim is not."""
+    features: int
+    axes: tuple[Optional[str], Optional[str]]
+    use_bias: bool
+    dtype: Dtype
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), self.axes),
+                            (in_features, self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        y = dense_dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
+                              (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        a = self.variable(LORA, "a", lambda: nn.LogicallyPartitioned(
+            nn.initializers.he_uniform()(self.make_rng("params"), (in_features, self.rank), jnp.float32) / 3 ** 0.5,
+            (self.axes[0], None))).value
+        b = self.variable(LORA, "b", lambda: nn.LogicallyPartitioned(
+            jnp.zeros((self.rank, self.features), jnp.float32), ("lora_rank", self.axes[1]))).value
+        a, b = nn.meta.unbox(a), nn.meta.unbox(b)
+        if self.dropout > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(self.dtype)
+        update = jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
+        return y + update * jnp.asarray(self.alpha / self.rank, self.dtype)
+
+
 def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, use_bias: bool, dtype: Dtype,
-          name: str) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] carries logical `axes` (and the bias the output axis)."""
+          name: str, lora: Any = None) -> nn.Module:
+    """A Dense layer whose kernel [in, out] carries logical `axes` (and the bias the output axis); a `LoraDense`
+    where `lora` (config.LoraConfig) is enabled and names this kernel among its targets."""
+    if lora is not None and lora.enabled and name in lora.targets:
+        return LoraDense(features, axes, use_bias, dtype, lora.rank, lora.alpha, lora.dropout, name=name)
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, dot_general=dense_dot_general,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
@@ -149,11 +193,12 @@ class Mlp(nn.Module):
     use_bias: bool
     dtype: Dtype = jnp.float32
     row_sharding: str = "embed"      # model.fsdp_row_kernels
+    lora: Any = None                 # config.LoraConfig of this tower (None: no adapters)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.act]
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype)
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, lora=self.lora)
         if self.gated:
             h = act(dense(self.mlp_dim, ("embed", "mlp"), name="gate_proj", **kw)(x))
             h = h * dense(self.mlp_dim, ("embed", "mlp"), name="up_proj", **kw)(x)
@@ -214,6 +259,7 @@ class Attention(nn.Module):
     rope_theta: Optional[float] = None
     dtype: Dtype = jnp.float32
     row_sharding: str = "embed"      # model.fsdp_row_kernels (o_proj)
+    lora: Any = None                 # config.LoraConfig of this tower (None: no adapters)
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
@@ -222,7 +268,7 @@ class Attention(nn.Module):
         and values of x are written into the cache and queries attend to every cache slot, causally by position;
         that path always runs the xla kernel (queries and slots are not aligned, which only it can express)."""
         batch, length, _ = x.shape
-        kw = dict(use_bias=self.qkv_bias, dtype=self.dtype)
+        kw = dict(use_bias=self.qkv_bias, dtype=self.dtype, lora=self.lora)
         q = dense(self.num_heads * self.head_dim, ("embed", "q_heads"), name="q_proj", **kw)(x)
         k = dense(self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x)
         v = dense(self.num_kv_heads * self.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x)
@@ -243,7 +289,7 @@ class Attention(nn.Module):
                                    query_positions=positions, key_positions=cache.positions)
         out = nn.with_logical_constraint(out, heads_axes).reshape(batch, length, self.num_heads * self.head_dim)
         return dense(self.hidden_size, ROW_KERNEL_AXES[self.row_sharding]["heads"], use_bias=self.out_bias,
-                     dtype=self.dtype, name="o_proj")(out)
+                     dtype=self.dtype, name="o_proj", lora=self.lora)(out)
 
 
 REMAT_POLICIES = {
@@ -260,7 +306,8 @@ def make_layer_stack(block_cls: type[nn.Module], num_layers: int, scan: bool, re
     if remat != "none":
         block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-        scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+        scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0, LORA: 0},
+                          split_rngs={"params": True, "dropout": True},
                           in_axes=nn.broadcast, length=num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         return scanned(**block_kwargs)

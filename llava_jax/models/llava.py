@@ -2,7 +2,8 @@
 
 Public surface: `LlavaModel(config).apply({"params": p}, input_ids, pixel_values, attention_mask=None,
 image_mask=None, segment_ids=None, positions=None, image_feature_ids=None) -> logits [B, T, V] float32`;
-`init_params(config, rng)`; `check_image_tokens(...)`. Sample b's images fill its image-token positions in order,
+`init_params(config, rng)`; `params_of(variables)` / `model_variables(params)` (the LoRA adapters, a variable
+collection of their own, are params["lora"] everywhere outside the model); `check_image_tokens(...)`. Sample b's images fill its image-token positions in order,
 which equals transformers' masked_scatter when each sample holds exactly (real images x tokens_per_image) image
 tokens. With model.anyres.enabled (LLaVA-NeXT) `image_feature_ids` say which crop feature (or the learned
 `image_newline`) each image token gets (models/anyres_features.py; built by llava_jax.data.anyres_inputs).
@@ -20,6 +21,7 @@ from llava_jax.config import ModelConfig
 from llava_jax.models.anyres_features import check_feature_ids, merge_anyres_features
 from llava_jax.models.attention import check_trailing_padding
 from llava_jax.models.decoder import LanguageModel
+from llava_jax.models.layers import LORA
 from llava_jax.models.projector import Projector
 from llava_jax.models.vit import VisionTower
 
@@ -162,7 +164,23 @@ def dummy_inputs(config: ModelConfig, batch: int = 1) -> tuple[jax.Array, jax.Ar
     return input_ids, pixels
 
 
+def params_of(variables: dict) -> dict:
+    """The params tree of a model's variables: "params", with the LoRA adapters (the "lora" collection, when the
+    model has them) as one more top-level group, params["lora"], which trains, freezes and saves as the others."""
+    params = dict(variables["params"])
+    if LORA in variables:
+        params[LORA] = variables[LORA]
+    return params
+
+
+def model_variables(params: dict) -> dict:
+    """`params_of`'s inverse: the variables to `apply` the model with."""
+    if LORA not in params:
+        return {"params": params}
+    return {"params": {k: v for k, v in params.items() if k != LORA}, LORA: params[LORA]}
+
+
 def init_params(config: ModelConfig, rng: jax.Array, boxed: bool = False):
-    """Initialises float32 params. `boxed=True` keeps nn.Partitioned metadata (logical axes) for sharding."""
-    variables = LlavaModel(config).init(rng, *dummy_inputs(config))
-    return variables["params"] if boxed else nn.meta.unbox(variables["params"])
+    """Initialises float32 params (`params_of`). `boxed=True` keeps nn.Partitioned metadata (logical axes)."""
+    params = params_of(LlavaModel(config).init(rng, *dummy_inputs(config)))
+    return params if boxed else nn.meta.unbox(params)

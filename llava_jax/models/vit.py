@@ -25,13 +25,14 @@ class EncoderBlock(nn.Module):
         v = self.config.vision
         dtype = jnp.dtype(self.config.dtype)
         heads = v.num_heads
+        lora = self.config.lora if self.config.lora.vision else None
         h = LayerNorm(v.layer_norm_eps, dtype, name="layer_norm1")(x)
         x = x + Attention(heads, heads, v.hidden_size // heads, v.hidden_size, qkv_bias=True, out_bias=True,
                           causal=False, kernel=self.config.attention, dtype=dtype,
-                          row_sharding=self.config.fsdp_row_kernels, name="self_attn")(h)
+                          row_sharding=self.config.fsdp_row_kernels, lora=lora, name="self_attn")(h)
         h = LayerNorm(v.layer_norm_eps, dtype, name="layer_norm2")(x)
         x = x + Mlp(v.hidden_size, v.mlp_dim, v.act, gated=False, use_bias=True, dtype=dtype,
-                    row_sharding=self.config.fsdp_row_kernels, name="mlp")(h)
+                    row_sharding=self.config.fsdp_row_kernels, lora=lora, name="mlp")(h)
         return constrain(x), None
 
 

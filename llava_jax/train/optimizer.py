@@ -29,8 +29,13 @@ NO_DECAY_LEAVES = ("bias", "scale", "class_embedding")
 
 
 def frozen_groups(train_config: TrainConfig) -> tuple[str, ...]:
-    """Frozen param groups (top-level param keys): `train.freeze` if set, else the `train.stage` preset."""
+    """Frozen param groups (top-level param keys): `train.freeze` if set, else the `train.stage` preset; with
+    train.lora both towers are frozen (their adapters, params["lora"], train; so does the projector unless
+    train.freeze names it)."""
     names = train_config.freeze if train_config.freeze is not None else STAGE_FROZEN[train_config.stage]
+    if train_config.lora.enabled:
+        names = sorted(set(names) | {"vision", "language"})
+        return tuple(key for n in names for key in GROUP_MEMBERS.get(GROUPS[n], (GROUPS[n],)))
     if set(names) == set(GROUPS):
         raise ValueError("train.freeze: every part is frozen (vision, projector, language); nothing would train")
     return tuple(key for n in names for key in GROUP_MEMBERS.get(GROUPS[n], (GROUPS[n],)))
@@ -54,7 +59,8 @@ def learning_rate_schedule(t: TrainConfig, base_lr: float) -> optax.Schedule:
 
 def _group_learning_rate(t: TrainConfig, group: str) -> float:
     override = {"vision_tower": t.vision_learning_rate, "projector": t.projector_learning_rate,
-                "image_newline": t.projector_learning_rate, "language_model": t.language_learning_rate}[group]
+                "image_newline": t.projector_learning_rate, "language_model": t.language_learning_rate,
+                "lora": t.lora.learning_rate}[group]
     return t.learning_rate if override is None else override
 
 

@@ -17,9 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax.config import Config
 from llava_jax.model_params import abstract_params
-from llava_jax.models.llava import LlavaModel, dummy_inputs
+from llava_jax.models.llava import LlavaModel, dummy_inputs, params_of
 from llava_jax.sharding import LOGICAL_RULES, shardings_like_params
-from llava_jax.train.optimizer import frozen_groups, make_optimizer, split_params
+from llava_jax.train.optimizer import frozen_groups, make_optimizer, merge_params, split_params
 
 
 @struct.dataclass
@@ -47,16 +47,18 @@ class TrainSetup:
 
     def init_state(self, seed: int) -> TrainState:
         """Freshly initialised state, created directly in its shards (no host copy of the full model)."""
-        init = jax.jit(_init_fn(self.model, self.tx, self.frozen), out_shardings=self.state_shardings)
+        init = jax.jit(_init_fn(self.model, self.tx, self.frozen, self.config.train.frozen_dtype),
+                       out_shardings=self.state_shardings)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
             return init(jax.random.PRNGKey(seed))
 
 
-def _init_fn(model: LlavaModel, tx: optax.GradientTransformation, frozen: tuple[str, ...]):
+def _init_fn(model: LlavaModel, tx: optax.GradientTransformation, frozen: tuple[str, ...], frozen_dtype: str):
     def init(rng: jax.Array) -> TrainState:
         params_rng, state_rng = jax.random.split(rng)
-        params = nn.meta.unbox(model.init(params_rng, *dummy_inputs(model.config))["params"])
-        trainable, _ = split_params(params, frozen)
+        params = nn.meta.unbox(params_of(model.init(params_rng, *dummy_inputs(model.config))))
+        trainable, frozen_params = split_params(params, frozen)
+        params = merge_params(trainable, jax.tree_util.tree_map(lambda p: p.astype(frozen_dtype), frozen_params))
         return TrainState(step=jnp.zeros((), jnp.int32), bad_steps=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(trainable), rng=state_rng)
     return init
@@ -74,7 +76,7 @@ def make_train_setup(config: Config, mesh: Mesh) -> TrainSetup:
     shardings = TrainState(step=replicated, bad_steps=replicated, params=param_shardings,
                            opt_state=shardings_like_params(opt_state, params, param_shardings, mesh),
                            rng=replicated)
-    abstract = jax.eval_shape(_init_fn(model, tx, frozen), jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(_init_fn(model, tx, frozen, config.train.frozen_dtype), jax.random.PRNGKey(0))
     abstract = jax.tree_util.tree_map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                                       abstract, shardings)
     return TrainSetup(config, mesh, model, tx, frozen, abstract, shardings)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from llava_jax.config import Config, ConfigError
 from llava_jax.data.bad_samples import REASONS
 from llava_jax.data.images import image_stats, normalize_pixels
-from llava_jax.models.llava import LlavaModel, head_params
+from llava_jax.models.llava import LlavaModel, head_params, model_variables
 from llava_jax.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding
 from llava_jax.train.loss import cross_entropy_sums, supervised_token_count
 from llava_jax.train.optimizer import learning_rate_schedule, merge_params, split_params
@@ -100,7 +100,7 @@ def in_place_stacks(config: Config, frozen: tuple[str, ...]) -> tuple[str, ...]:
     m, t = config.model, config.train
     if not (t.accumulate_in_place and t.grad_accum_steps > 1 and m.scan_layers and m.remat == "full"):
         return ()
-    return tuple(group for group in ("vision_tower", "language_model") if group not in frozen)
+    return tuple(group for group in ("vision_tower", "language_model") if group not in frozen and not t.lora.enabled)
 
 
 def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -114,52 +114,61 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
             return model.apply({"params": params}, hidden, method=LlavaModel.logits)
         with nn.logical_axis_rules(VOCAB_PARALLEL_RULES + LOGICAL_RULES):
             hidden = nn.with_logical_constraint(hidden, ACTIVATION_AXES)
-            return model.apply({"params": vocab_sharded(params, config.model.decoder.vocab_size)}, hidden, method=LlavaModel.logits)
+            return model.apply({"params": vocab_sharded(params, config.model.decoder.vocab_size)}, hidden,
+                               method=LlavaModel.logits)
 
     stacks = in_place_stacks(config, frozen)
     vocab_parallel = uses_vocab_parallel_loss(config, setup.mesh)
     anyres = config.model.anyres.enabled
 
-    def micro_loss(trainable, frozen_params, micro, denominator, accumulators):
+    dropout = config.train.lora.enabled and config.train.lora.dropout > 0
+
+    def micro_loss(trainable, frozen_params, micro, denominator, accumulators, rng):
         """This micro-batch's CE sum / the global batch's supervised-token count: gradients come out already
-        normalised for the whole batch. The layer stacks in `accumulators` return their gradient added to it."""
-        variables = {"params": merge_params(trainable, frozen_params)}
+        normalised for the whole batch. The layer stacks in `accumulators` return their gradient added to it.
+        `rng` drives the LoRA dropout (when there is one)."""
+        variables = model_variables(merge_params(trainable, frozen_params))
         image_mask = micro["image_mask"]
         if anyres:                     # every crop of a real image slot (padded crops are computed, never read)
             image_mask = jnp.repeat(image_mask[..., None], config.model.crops_per_image, axis=-1)
         pixels = normalize_pixels(micro["pixel_values"], image_mask, pixel_mean, pixel_std)
         hidden = model.apply(variables, micro["input_ids"], pixels, image_mask=micro["image_mask"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"], return_hidden=True,
-                             grad_accumulators=accumulators, image_feature_ids=micro.get("image_feature_ids"))
+                             grad_accumulators=accumulators, image_feature_ids=micro.get("image_feature_ids"),
+                             rngs={"dropout": rng} if dropout else None)
         loss_sum, _ = cross_entropy_sums(hidden, head, head_params(variables["params"], config.model),
                                          micro["input_ids"], micro["loss_mask"], config.train.loss_chunk_size)
         return loss_sum / denominator
 
     grad_fn = jax.value_and_grad(micro_loss)
 
-    def loss_and_grads(trainable, frozen_params, batch, denominator):
+    def loss_and_grads(trainable, frozen_params, batch, denominator, rng):
         if num_micro == 1:
-            return grad_fn(trainable, frozen_params, batch, denominator, None)
+            return grad_fn(trainable, frozen_params, batch, denominator, None, rng)
 
-        def accumulate(carry, micro):
+        def accumulate(carry, micro_and_rng):
             # the params pass a barrier with the loop-variant micro-batch, so XLA cannot hoist their all-gathers
             # (full unsharded copies) out of the loop, where they would stay live through every micro-batch
-            (params, frozen), micro = jax.lax.optimization_barrier(((trainable, frozen_params), micro))
+            (params, frozen), (micro, micro_rng) = jax.lax.optimization_barrier(
+                ((trainable, frozen_params), micro_and_rng))
             loss, grads = grad_fn(params, frozen, micro, denominator,
-                                  {group: carry[1][group]["layers"] for group in stacks})
+                                  {group: carry[1][group]["layers"] for group in stacks}, micro_rng)
             summed = jax.tree_util.tree_map(jnp.add, carry, (loss, grads))
             for group in stacks:     # already the running sum (see models/accumulate.py); XLA drops the add above
                 summed[1][group] = {**summed[1][group], "layers": grads[group]["layers"]}
             return summed, None
 
         init = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
-        (loss, grads), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, num_micro, setup.mesh))
+        micro_rngs = jax.random.split(rng, num_micro)
+        (loss, grads), _ = jax.lax.scan(accumulate, init,
+                                        (_split_micro_batches(batch, num_micro, setup.mesh), micro_rngs))
         return loss, grads
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trainable, frozen_params = split_params(state.params, frozen)
         count = supervised_token_count(batch["loss_mask"])
-        loss, grads = loss_and_grads(trainable, frozen_params, batch, jnp.maximum(count, 1.0))
+        step_rng = jax.random.fold_in(state.rng, state.step)      # LoRA dropout: a function of seed and step
+        loss, grads = loss_and_grads(trainable, frozen_params, batch, jnp.maximum(count, 1.0), step_rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
