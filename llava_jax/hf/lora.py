@@ -4,7 +4,8 @@ Public surface: `peft_adapter(config, params)` / `save_peft_adapter(config, para
 save_pretrained format: adapter_config.json + adapter_model.safetensors, the projector as modules_to_save);
 `read_peft_adapter(dir)`; `lora_config_from_peft(model_config, adapter)` (the train.lora an adapter needs);
 `params_from_peft(config, adapter)` (-> {"lora": ..., "projector": ...}); `merged_params(config, params)`.
-`config` is a run Config or a ModelConfig (its `lora` is train.lora); `adapter` a directory or (adapter_config, tensors).
+`config` is a run Config or a ModelConfig (its `lora` is train.lora); `adapter` a directory or
+(adapter_config, tensors).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """What every benchmark task is: items read from the benchmark's own files, and a scorer over predictions.
 
-Public surface: `TaskItem`, `Task` (the protocol each task module implements), `ServerScored` (raised by `score`
-for splits whose answers only the benchmark's server has; `Task.submission` then gives the upload), `read_predictions(path)`
-(JSON or JSONL records with `question_id` and `answer`, LLaVA's `text` accepted for `answer`) and
+Public surface: `TaskItem`, `Task` (the protocol each task module implements), `ServerScored` (raised by
+`score` for splits whose answers only the benchmark's server has; `Task.submission` then gives the upload),
+`read_predictions(path)` (JSON or JSONL records with `question_id` and `answer`, LLaVA's `text` accepted for `answer`) and
 `missing_predictions(items, predictions)`.
 
 A task module defines one `Task` subclass:
