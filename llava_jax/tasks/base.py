@@ -2,8 +2,8 @@
 
 Public surface: `TaskItem`, `Task` (the protocol each task module implements), `ServerScored` (raised by
 `score` for splits whose answers only the benchmark's server has; `Task.submission` then gives the upload),
-`read_predictions(path)` (JSON or JSONL records with `question_id` and `answer`, LLaVA's `text` accepted for `answer`) and
-`missing_predictions(items, predictions)`.
+`read_predictions(path)` (JSON or JSONL records with `question_id` and `answer`, LLaVA's `text` accepted for
+`answer`) and `missing_predictions(items, predictions)`.
 
 A task module defines one `Task` subclass:
 - `name`: the CLI name (`--task NAME`), `prompt_suffix`: LLaVA-1.5's default instruction appended to each question
