@@ -6,7 +6,8 @@ image_mask=None, segment_ids=None, positions=None, image_feature_ids=None) -> lo
 collection of their own, are params["lora"] everywhere outside the model); `check_image_tokens(...)`.
 Sample b's images fill its image-token positions in order, which equals transformers' masked_scatter when each
 sample holds exactly (real images x tokens_per_image) image tokens. With model.anyres.enabled (LLaVA-NeXT)
-`image_feature_ids` say which crop feature (or the learned `image_newline`) each image token gets (models/anyres_features.py; built by llava_jax.data.anyres_inputs).
+`image_feature_ids` say which crop feature (or the learned `image_newline`) each image token gets
+(models/anyres_features.py; built by llava_jax.data.anyres_inputs).
 """
 from __future__ import annotations
 

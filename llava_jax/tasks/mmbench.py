@@ -3,10 +3,11 @@
 Public surface: `MMBenchTask`, `TASK` and `read_llava_answers(path)`. `data`: the official TSV
 (mmbench_dev_20230712.tsv, MMBench_DEV_EN.tsv; columns index, question, hint, A..D, answer, category,
 l2-category (optional), image (base64, or the index of the row holding it)). Options stop at the first empty
-one; "", "nan", "None", "NA", ... are empty as pandas reads them in LLaVA's model_vqa_mmbench.py. Each question gives one item per option: rotation k shows the options
-rotated left by k (as model_vqa_mmbench.py --all-rounds); question_id f"{index}" for k = 0, f"{index}@{k}" after.
-Prompt: "<image>\n[hint\n]question\nA. opt\n...\nsuffix". An answer is read with MMBench's can_infer; one it
-cannot read counts wrong (no ChatGPT fallback) and is reported in `unparsed`.
+one; "", "nan", "None", "NA", ... are empty as pandas reads them in LLaVA's model_vqa_mmbench.py. Each question gives
+one item per option: rotation k shows the options rotated left by k (as model_vqa_mmbench.py --all-rounds);
+question_id f"{index}" for k = 0, f"{index}@{k}" after. Prompt: "<image>\n[hint\n]question\nA. opt\n...\nsuffix". An
+answer is read with MMBench's can_infer; one it cannot read counts wrong (no ChatGPT fallback) and is reported in
+`unparsed`.
 """
 from __future__ import annotations
 
