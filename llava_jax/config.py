@@ -175,19 +175,23 @@ class EvalTask:
 @dataclass
 class MixtureEntry:
     """One weighted source of `data.mixture`; tfds entries share the data-level tfds_* split/key settings."""
-    source: Literal["synthetic", "llava_json", "tfds"] = "synthetic"
+    source: Literal["synthetic", "llava_json", "tfds", "arrayrecord"] = "synthetic"
     weight: float = 1.0
     json_path: Optional[str] = None
     image_root: Optional[str] = None
     tfds_name: Optional[str] = None
+    arrayrecord_path: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "llava_json", "tfds", "mixture"] = "synthetic"
+    source: Literal["synthetic", "llava_json", "tfds", "arrayrecord", "mixture"] = "synthetic"
     json_path: Optional[str] = None
     image_root: Optional[str] = None
     eval_json_path: Optional[str] = None
+    # `python -m llava_jax.data.to_arrayrecord` output: a directory of *.array_record shards (local or gs://...)
+    arrayrecord_path: Optional[str] = None
+    eval_arrayrecord_path: Optional[str] = None
     tfds_name: Optional[str] = None
     tfds_data_dir: Optional[str] = None
     tfds_split: str = "train"
@@ -660,6 +664,8 @@ def _validate_data(c: Config) -> None:
         _require(d.json_path is not None, "data.json_path", "is required when data.source=llava_json")
     if d.source == "tfds":
         _require(d.tfds_name is not None, "data.tfds_name", "is required when data.source=tfds")
+    if d.source == "arrayrecord":
+        _require(d.arrayrecord_path is not None, "data.arrayrecord_path", "is required when data.source=arrayrecord")
     if d.source == "mixture":
         _require(len(d.mixture) > 0, "data.mixture", "must list at least one source when data.source=mixture")
         for i, entry in enumerate(d.mixture):
@@ -668,6 +674,9 @@ def _validate_data(c: Config) -> None:
                 _require(entry.json_path is not None, f"data.mixture[{i}].json_path", "is required for llava_json")
             if entry.source == "tfds":
                 _require(entry.tfds_name is not None, f"data.mixture[{i}].tfds_name", "is required for tfds")
+            if entry.source == "arrayrecord":
+                _require(entry.arrayrecord_path is not None, f"data.mixture[{i}].arrayrecord_path",
+                         "is required for arrayrecord")
 
 
 def _validate_mesh(m: MeshConfig) -> None:
