@@ -71,7 +71,8 @@ class RunCheckpointer:
     """The checkpoints under one directory (read_only: another run's, e.g. checkpoint.load_dir)."""
 
     def __init__(self, directory: str, options: CheckpointConfig, read_only: bool = False):
-        self.directory = epath.Path(directory).absolute()
+        # a local path is made absolute; a remote one (gs://...) stays as it is (absolute() would make it local)
+        self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(directory).absolute()
         self.read_only = read_only
         self.manager = ocp.CheckpointManager(self.directory, options=_manager_options(options, read_only))
 

@@ -292,6 +292,7 @@ class CheckpointConfig:
     keep_every: Optional[int] = None
     async_save: bool = True
     load_dir: Optional[str] = None   # resume from this run's checkpoints when the workdir has none (Megatron --load)
+    dir: Optional[str] = None        # where this run's checkpoints go (default WORKDIR/checkpoints); may be gs://...
 
 
 @dataclass

@@ -4,7 +4,9 @@ record with its images' encoded bytes inline.
 Public surface: `encode_record(record, images) -> bytes`, `decode_record(data) -> (record, images)`.
 Layout: b"LLVA", a uint32 (little endian) length n, n bytes of UTF-8 JSON (the source record, "image" as in the
 source; "_image_sizes": the byte length of each image, in order; "_source": "file:line" it came from; an image that
-could not be read has length -1 and "_image_errors" gives its reason), then the images' bytes back to back.
+could not be read has length -1 and "_image_errors" gives its reason; a source record that is not a JSON object is
+{"_not_an_object": value}, a JSONL line that is not JSON {"_not_an_object": null, "_json_error": message}: both
+read back as malformed records), then the images' bytes back to back.
 """
 from __future__ import annotations
 

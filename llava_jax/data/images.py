@@ -4,6 +4,7 @@ Public surface: `open_image(ref) -> PIL RGB image` (raises BadSample), `image_si
 counts an image's tokens before decoding it), `to_rgb(image)`, `image_stats(config)`,
 `normalize_pixels(pixels, image_mask, mean, std)` (THE normalisation: jitted train step, evaluation, generation),
 `ImageProcessor(config)`: `(ref) -> uint8 [S, S, 3]` and `.normalize(pixels, image_mask) -> float32`.
+A path with a URI scheme (gs://, s3://, ...) is read whole through etils.epath; local paths are opened directly.
 Training batches carry uint8 pixels (4x less to copy on the host and to send to devices); the train step
 normalises them on device.
 Aspect (data.image_aspect), pixel for pixel as LLaVA-1.5 makes them (tests/test_data_images_llava_parity.py):
@@ -67,6 +68,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _read_remote(path: str) -> bytes:
+    """The bytes of a remote image file (etils.epath: gs://, s3://, ...); BadSample if it is missing or empty."""
+    from etils import epath
+    try:
+        data = epath.Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadSample("missing_image", f"{path}: no such file") from None
+    if not data:
+        raise BadSample("empty_image", f"{path}: file has 0 bytes")
+    return data
+
+
 def _decode(ref: Any, load: bool = True) -> Image.Image:
     if isinstance(ref, Image.Image):
         return ref
@@ -80,13 +93,16 @@ def _decode(ref: Any, load: bool = True) -> Image.Image:
         image = Image.open(io.BytesIO(ref))
     else:
         path = os.fspath(ref)
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError:
-            raise BadSample("missing_image", f"{path}: no such file") from None
-        if size == 0:
-            raise BadSample("empty_image", f"{path}: file has 0 bytes")
-        image = Image.open(path)
+        if "://" in path:                              # gs://, s3://, ...: the whole file's bytes through epath
+            image = Image.open(io.BytesIO(_read_remote(path)))
+        else:
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise BadSample("missing_image", f"{path}: no such file") from None
+            if size == 0:
+                raise BadSample("empty_image", f"{path}: file has 0 bytes")
+            image = Image.open(path)
     if load:
         image.load()
     return image

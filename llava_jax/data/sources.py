@@ -1,98 +1,197 @@
-"""Random-access data sources yielding `Example`s: LLaVA JSON / JSONL, TFDS (array_record, no TensorFlow), synthetic.
+"""Random-access data sources yielding `Example`s: LLaVA JSON / JSONL, converted ArrayRecord shards, TFDS
+(array_record, no TensorFlow), synthetic.
 
-Public surface: `LlavaJsonSource(json_path, image_root)`, `TfdsSource(name, data_dir, split, image_key,
-question_key, answer_key)`, `train_sources(config) -> [(source, weight)]`, `eval_sources(config) -> [source]`.
+Public surface: `LlavaJsonSource(json_path, image_root, validate=True)`, `TfdsSource(name, data_dir, split, image_key,
+question_key, answer_key)`, `train_sources(config) -> [(source, weight)]`, `eval_sources(config) -> [source]`
+(data.source arrayrecord: `arrayrecord_source.ArrayRecordSource`), `index_jsonl(path)`, `is_remote(path)`,
+`open_binary(path)`.
 A source has `__len__`, `__getitem__(i) -> Example` (raises BadSample for a malformed record; images stay
-unread references) and `describe(i)` (file and line/record for error messages).
+unread references) and `describe(i)` (file and line/record for error messages). Paths may be local or remote
+(gs://, s3://, ...: read through etils.epath); local files are read with plain file calls.
+Scale: a *.jsonl file is indexed (byte offsets of its lines, 24 bytes per record) and a record is parsed when it is
+read; a JSON list is parsed whole into memory. Large datasets: JSONL, or ArrayRecord shards
+(`python -m llava_jax.data.to_arrayrecord`, `data.source=arrayrecord`: memory flat in the dataset size). Shards are
+opened by array_record's C++ reader, not epath: gs:// shards go through its own GCS client (needs network; untested
+here), so a gcsfuse mount or a local copy of the shards is the tested way.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
+from array import array
 from typing import Any, Optional
 
 import numpy as np
 
 from llava_jax.data.bad_samples import BadSample
 from llava_jax.data.examples import Example
+from llava_jax.data.llava_records import example_from_record
 from llava_jax.data.synthetic import SyntheticSource
 from llava_jax.data.templates import IMAGE_PLACEHOLDER
 
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+def is_remote(path: Any) -> bool:
+    """True for a path with a URI scheme (gs://bucket/x, s3://...): read through etils.epath, not plain open."""
+    return isinstance(path, str) and "://" in path
 
 
-def _load_json_records(path: str) -> tuple[list[Any], Optional[list[int]]]:
-    """*.jsonl: one record per non-empty line (also returns their line numbers); otherwise a JSON list.
-    Malformed JSON raises ValueError with the file, line and column."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not path.endswith(".jsonl"):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of records (or a *.jsonl file), got a "
-                             f"{type(records).__name__}")
-        return records, None
-    records, lines = [], []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_number}:{e.colno}: malformed JSON line: {e.msg}") from None
-        lines.append(line_number)
-    return records, lines
+def open_binary(path: str):
+    """A binary file object for a local path (builtin open: fast) or a remote one (etils.epath)."""
+    if is_remote(path):
+        from etils import epath
+        return epath.Path(path).open("rb")
+    return open(path, "rb")
+
+
+def _load_json_list(path: str) -> list[Any]:
+    """A JSON list of records, parsed whole. Malformed JSON raises ValueError with the file, line and column."""
+    with open_binary(path) as f:
+        text = f.read().decode("utf-8")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records (or a *.jsonl file), got a "
+                         f"{type(records).__name__}")
+    return records
+
+
+def _parse_line(raw: bytes) -> Any:
+    """One JSONL line -> its JSON value; json.JSONDecodeError or UnicodeDecodeError (not UTF-8) if malformed."""
+    return json.loads(raw.decode("utf-8"))
+
+
+def _line_error(error: ValueError) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.colno}: malformed JSON line: {error.msg}"
+    return f"1: malformed JSON line: not UTF-8 ({error})"
+
+
+def index_jsonl(path: str, validate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over a JSONL file: (byte offset, byte length, 1-based line number) of each non-blank line, int64
+    [records] each. validate: every line is parsed (then dropped) so a malformed one fails here, as loading a JSON
+    list does: ValueError "file:line:col: malformed JSON line" (costs one json.loads per record, no memory)."""
+    offsets, lengths, lines = array("q"), array("q"), array("q")
+    position = 0
+    with open_binary(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                if validate:
+                    try:
+                        _parse_line(line)
+                    except ValueError as e:           # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                        raise ValueError(f"{path}:{line_number}:{_line_error(e)}") from None
+                offsets.append(position)
+                lengths.append(len(line))
+                lines.append(line_number)
+            position += len(line)
+    return tuple(np.frombuffer(a, np.int64).copy() if len(a) else np.zeros(0, np.int64)
+                 for a in (offsets, lengths, lines))
+
+
+class _LineReader:
+    """Reads byte ranges of one file from any thread or (forked or unpickled) process: a local file is read with
+    os.pread on a descriptor opened lazily per process (pread has no shared file position, so threads need no
+    lock); a remote one through one epath file object per thread and process."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._remote = is_remote(path)
+        self._fd, self._fd_pid = None, None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def read(self, offset: int, length: int) -> bytes:
+        if not self._remote:
+            return os.pread(self._descriptor(), length, offset)
+        handle = getattr(self._local, "handle", None)
+        if handle is None or self._local.pid != os.getpid():
+            handle = self._local.handle = open_binary(self.path)
+            self._local.pid = os.getpid()
+        handle.seek(offset)
+        return handle.read(length)
+
+    def _descriptor(self) -> int:
+        pid = os.getpid()
+        if self._fd is None or self._fd_pid != pid:        # first read in this process (also after a fork)
+            with self._lock:
+                if self._fd is None or self._fd_pid != pid:
+                    self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), pid
+        return self._fd
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+def _default_image_root(json_path: str) -> str:
+    if is_remote(json_path):
+        return json_path.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(json_path))
 
 
 class LlavaJsonSource:
     """Records {"id", "image": path | [paths] (optional), "conversations": [{"from": "human"|"gpt"|"system",
     "value"}], "answers": [..] (optional, evaluation), "image_mode": "anyres" | "base" (optional, LLaVA-NeXT
     models)}; image paths are relative to image_root (default: the JSON file's directory) and read only when a
-    sample is built."""
+    sample is built.
 
-    def __init__(self, json_path: str, image_root: Optional[str] = None):
-        self.path = str(json_path)
-        self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(json_path))
-        self._records, self._lines = _load_json_records(self.path)
+    *.jsonl: `index_jsonl` keeps three int64 per record (offset, length, line) and `__getitem__` reads and parses
+    that one line (thread- and fork-safe, `_LineReader`). Malformed JSON: found by the index pass (validate=True,
+    the default), which raises ValueError "file:line:col" before training starts, as a JSON list does; with
+    validate=False (faster start on huge files) a malformed line raises BadSample("malformed_record", naming the
+    file and line) when it is read, which data.bad_sample_policy skips (counted) or turns into an error. Any other
+    file is a JSON list, parsed whole (fine up to ~100K records; convert larger ones to JSONL or ArrayRecord)."""
+
+    def __init__(self, json_path: str, image_root: Optional[str] = None, validate: bool = True):
+        self.path = os.fspath(json_path)
+        self.image_root = image_root if image_root is not None else _default_image_root(self.path)
+        self._default_id_prefix = self.path.rsplit("/", 1)[-1]
+        if self.path.endswith(".jsonl"):
+            self._records = None
+            self._offsets, self._lengths, self._lines = index_jsonl(self.path, validate)
+            self._reader = _LineReader(self.path)
+        else:
+            self._records = _load_json_list(self.path)
+            self._lines = None
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._records) if self._records is not None else len(self._offsets)
 
     def __repr__(self) -> str:
         return f"LlavaJsonSource({self.path!r}, image_root={self.image_root!r})"
 
     def describe(self, index: int) -> str:
-        return f"{self.path} line {self._lines[index]}" if self._lines else f"{self.path} record {index}"
+        return f"{self.path} line {self._lines[index]}" if self._lines is not None else f"{self.path} record {index}"
+
+    def _record(self, index: int) -> Any:
+        if self._records is not None:
+            return self._records[index]
+        raw = self._reader.read(int(self._offsets[index]), int(self._lengths[index]))
+        try:
+            return _parse_line(raw)
+        except ValueError as e:
+            raise BadSample("malformed_record", f"{self.path}:{self._lines[index]}:{_line_error(e)}") from None
 
     def __getitem__(self, index: int) -> Example:
-        record = self._records[index]
-        if not isinstance(record, dict):
-            raise BadSample("malformed_record", f"record is a {type(record).__name__}, not an object")
-        example_id = str(record.get("id", f"{os.path.basename(self.path)}:{index}"))
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self!r}: index {index} out of range for {len(self)} records")
+        index = index % len(self)
+        return example_from_record(self._record(index), index, self._default_id_prefix, self._image_paths)
 
-        def bad(detail: str) -> BadSample:
-            return BadSample("malformed_record", detail, example_id)
-        conversations = record.get("conversations")
-        if not isinstance(conversations, list) or not conversations:
-            raise bad("missing or empty 'conversations' list")
-        turns = []
-        for k, turn in enumerate(conversations):
-            if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES:
-                raise bad(f"conversations[{k}] must be {{'from': 'human'|'gpt'|'system', 'value': text}}, "
-                          f"got {str(turn)[:80]}")
-            turns.append((LLAVA_ROLES[turn["from"]], turn.get("value")))
-        images = record.get("image", [])
-        images = [images] if isinstance(images, str) else images
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise bad(f"'image' must be a path or a list of paths, got {str(record.get('image'))[:80]}")
-        answers = record.get("answers")
-        if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
-            raise bad("'answers' must be a list of texts")
-        return Example(example_id, turns, [os.path.join(self.image_root, p) for p in images], answers,
-                       image_mode=record.get("image_mode"))      # anyres: "anyres" | "base" (checked by the encoder)
+    def _image_paths(self, paths: list[str]) -> list[str]:
+        return [os.path.join(self.image_root, p) for p in paths]
 
 
 def _texts(value: Any) -> list[str]:
@@ -142,7 +241,12 @@ class TfdsSource:
                        answers)
 
 
-def _source(kind: str, config, split: str, json_path=None, image_root=None, tfds_name=None):
+def _arrayrecord_source(path: str):
+    from llava_jax.data.arrayrecord_source import ArrayRecordSource
+    return ArrayRecordSource(path)
+
+
+def _source(kind: str, config, split: str, json_path=None, image_root=None, tfds_name=None, arrayrecord_path=None):
     data = config.data
     if kind == "synthetic":
         size = data.synthetic_size if split == "train" else data.synthetic_eval_size
@@ -150,6 +254,8 @@ def _source(kind: str, config, split: str, json_path=None, image_root=None, tfds
                                data.synthetic_question_kinds)
     if kind == "llava_json":
         return LlavaJsonSource(json_path, image_root)
+    if kind == "arrayrecord":
+        return _arrayrecord_source(arrayrecord_path)
     return TfdsSource(tfds_name, data.tfds_data_dir, data.tfds_split if split == "train" else data.tfds_eval_split,
                       data.tfds_image_key, data.tfds_question_key, data.tfds_answer_key)
 
@@ -158,19 +264,25 @@ def train_sources(config) -> list[tuple[Any, float]]:
     """(source, weight) per training source: data.source, or each entry of data.mixture."""
     data = config.data
     if data.source != "mixture":
-        return [(_source(data.source, config, "train", data.json_path, data.image_root, data.tfds_name), 1.0)]
-    return [(_source(e.source, config, "train", e.json_path, e.image_root, e.tfds_name), e.weight)
+        return [(_source(data.source, config, "train", data.json_path, data.image_root, data.tfds_name,
+                         data.arrayrecord_path), 1.0)]
+    return [(_source(e.source, config, "train", e.json_path, e.image_root, e.tfds_name, e.arrayrecord_path), e.weight)
             for e in data.mixture]
 
 
 def eval_sources(config) -> list[Any]:
-    """data.eval_json_path if set; otherwise the eval split of the synthetic / TFDS source(s)."""
+    """data.eval_json_path, else data.eval_arrayrecord_path, if set; otherwise the eval split of the synthetic / TFDS
+    source(s) (llava_json and arrayrecord training sources have no eval split)."""
     data = config.data
     if data.eval_json_path:
         return [LlavaJsonSource(data.eval_json_path, data.image_root)]
+    if data.eval_arrayrecord_path:
+        return [_arrayrecord_source(data.eval_arrayrecord_path)]
     kinds = [(e.source, e.tfds_name) for e in data.mixture] if data.source == "mixture" else [(data.source,
                                                                                                  data.tfds_name)]
-    sources = [_source(kind, config, "eval", tfds_name=name) for kind, name in kinds if kind != "llava_json"]
+    sources = [_source(kind, config, "eval", tfds_name=name) for kind, name in kinds
+               if kind not in ("llava_json", "arrayrecord")]
     if not sources:
-        raise ValueError("data.eval_json_path: required for evaluation when every training source is llava_json")
+        raise ValueError("data.eval_json_path or data.eval_arrayrecord_path: required for evaluation when every "
+                         "training source is llava_json or arrayrecord")
     return sources

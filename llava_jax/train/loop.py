@@ -152,7 +152,7 @@ def train(config: Config, workdir: str) -> dict:
     resolve_batch_layout(config, mesh)
     setup = make_train_setup(config, mesh)
     data = make_train_iterator(config, jax.process_index(), jax.process_count())
-    checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint)
+    checkpointer = RunCheckpointer(config.checkpoint.dir or os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint)
     state, restore_report = restore_or_init(setup, data, checkpointer, run_config)
     start_step = int(jax.device_get(state.step))
     logger = MetricsLogger(workdir, config.train.steps, enabled=is_main, start_step=start_step)
