@@ -8,8 +8,8 @@ For each size it writes a dataset of that many one-image records: a JSONL file w
 records take ~6.5 GB of disk), and ArrayRecord shards of the same records with the JPEG bytes inline
 (arrayrecord_format.encode_record, to_arrayrecord.WRITER_OPTIONS, as the converter writes them). Each (format,
 size) then runs in a fresh process: the real pipeline (`make_train_iterator`, default CLIP-336 config, vicuna_v1
-template, byte tokenizer) for a fixed `--samples` samples. Prints one JSON object: per format and size the peak RSS (VmHWM),
-the RSS after imports, the start-up seconds (index / open + first batch) and samples/s after the first batch.
+template, byte tokenizer) for a fixed `--samples` samples. Prints one JSON object: per format and size the peak RSS
+(VmHWM), the RSS after imports, the start-up seconds (index / open + first batch) and samples/s after the first batch.
 Goal: ArrayRecord's peak RSS flat in the dataset size; its samples/s >= JSONL's. `--formats json,...` adds a JSON
 list file (parsed whole into Python objects: memory grows with the dataset) as a baseline. The datasets are read
 right after they are written, so from the page cache: the rates are the CPU cost of the pipeline, not disk speed.
