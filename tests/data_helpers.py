@@ -132,3 +132,17 @@ def close(iterator):
 
 def ids_of(batch):
     return [sample_id for row in batch["_ids"] for sample_id in json.loads(str(row))]
+
+
+def take(iterator, n):
+    """The next `n` batches of an iterator."""
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    """Two lists of batches hold the same keys and bitwise-equal arrays."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)

@@ -5,25 +5,14 @@ import json
 
 import numpy as np
 import pytest
-from data_helpers import close, ids_of, image_dataset, record, write_image, write_json
+from data_helpers import (assert_same_batches, close, ids_of, image_dataset, record, take, write_image,
+                          write_json)
 
 from llava_jax.data.pipeline import make_eval_examples, make_train_iterator
 from llava_jax.data.sources import eval_sources, train_sources
 from llava_jax.data.to_arrayrecord import convert
 
 FAST = ["data.num_threads=2", "data.prefetch=0"]
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")

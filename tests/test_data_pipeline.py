@@ -3,23 +3,11 @@ import json
 
 import numpy as np
 import pytest
-from data_helpers import close, ids_of, image_token_counts
+from data_helpers import assert_same_batches, close, ids_of, image_token_counts, take
 
 from llava_jax.data.pipeline import make_eval_examples, make_train_iterator
 
 SYNTHETIC = ["data.synthetic_size=24", "train.batch_size=4"]
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def test_batches_have_the_documented_layout(tiny_config):
