@@ -146,3 +146,18 @@ def assert_same_batches(a, b):
         assert x.keys() == y.keys()
         for key in x:
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def assert_restores_mid_stream(config):
+    """The train iterator of `config`, restored from its state after 3 batches, gives the same next 2 batches."""
+    from llava_jax.data.pipeline import make_train_iterator
+    iterator = make_train_iterator(config)
+    take(iterator, 3)
+    state = iterator.get_state()
+    expected = take(iterator, 2)
+    close(iterator)
+    resumed = make_train_iterator(config)
+    resumed.set_state(state)
+    got = take(resumed, 2)
+    close(resumed)
+    assert_same_batches(got, expected)

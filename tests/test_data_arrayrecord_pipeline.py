@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from data_helpers import (assert_same_batches, close, ids_of, image_dataset, record, take, write_image,
-                          write_json)
+from data_helpers import (assert_restores_mid_stream, assert_same_batches, ids_of, image_dataset, record, take,
+                          write_image, write_json)
 
 from llava_jax.data.pipeline import make_eval_examples, make_train_iterator
 from llava_jax.data.sources import eval_sources, train_sources
@@ -53,16 +53,7 @@ def test_restoring_the_state_after_k_batches_continues_with_batch_k_plus_1(tiny_
 
 def test_restore_with_worker_processes(tiny_config, converted):
     config = arrayrecord_config(tiny_config, converted[1], "data.num_workers=2")
-    iterator = make_train_iterator(config)
-    take(iterator, 3)
-    state = iterator.get_state()
-    expected = take(iterator, 2)
-    close(iterator)
-    resumed = make_train_iterator(config)
-    resumed.set_state(state)
-    got = take(resumed, 2)
-    close(resumed)
-    assert_same_batches(got, expected)
+    assert_restores_mid_stream(config)
 
 
 def test_two_process_shares_are_disjoint_and_cover_the_data(tiny_config, converted):

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from data_helpers import assert_same_batches, close, ids_of, image_token_counts, take
+from data_helpers import assert_restores_mid_stream, assert_same_batches, ids_of, image_token_counts, take
 
 from llava_jax.data.pipeline import make_eval_examples, make_train_iterator
 
@@ -47,16 +47,7 @@ def test_restoring_the_state_after_k_batches_continues_with_batch_k_plus_1(tiny_
 
 def test_restore_with_worker_processes(tiny_config):
     config = tiny_config(*SYNTHETIC, "data.num_workers=2")
-    iterator = make_train_iterator(config)
-    take(iterator, 3)
-    state = iterator.get_state()
-    expected = take(iterator, 2)
-    close(iterator)
-    resumed = make_train_iterator(config)
-    resumed.set_state(state)
-    got = take(resumed, 2)
-    close(resumed)
-    assert_same_batches(got, expected)
+    assert_restores_mid_stream(config)
 
 
 def test_orbax_checkpoint_of_the_iterator(tiny_config, tmp_path):
