@@ -64,55 +64,43 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 LORA = "lora"     # the variable collection of the LoRA adapters (models/llava.py folds it into params["lora"])
 
 
-class LoraDense(nn.Module):
-    """nn.Dense (same params: kernel [in, out], bias [out]) plus a low-rank update in the "lora" collection:
+class LoraDense(nn.Dense):
+    """nn.Dense (the same params: kernel [in, out], bias [out]) plus a low-rank update in the "lora" collection:
     y = x W + b + (alpha / rank) (dropout(x) A) B, A [in, rank] (PEFT's lora_A, Kaiming-uniform) sharded like the
-    kernel's input, B [rank, out] (lora_B, zeros: the adapter starts as the identity) like its output. Dropout runs
-    only when the caller supplies a "dropout" rng (the train step). B's rank dim has the logical axis "lora_rank"
-(fsdp), so B is sharded where its output dim is not."""
-    features: int
-    axes: tuple[Optional[str], Optional[str]]
-    use_bias: bool
-    dtype: Dtype
-    rank: int
-    alpha: float
+    kernel's input, B [rank, out] (lora_B, zeros: the adapter starts as the identity) like its output, its rank dim
+    over fsdp where the output dim is not ("lora_rank"). Dropout runs only when the caller supplies a "dropout" rng
+    (the train step)."""
+    rank: int = 1
+    alpha: float = 1.0
     dropout: float = 0.0
+    axes: tuple[Optional[str], Optional[str]] = (None, None)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_features = x.shape[-1]
-        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), self.axes),
-                            (in_features, self.features), jnp.float32)
-        x = x.astype(self.dtype)
-        y = dense_dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
-                              (self.features,), jnp.float32)
-            y = y + bias.astype(self.dtype)
+        y = super().__call__(x)
         a = self.variable(LORA, "a", lambda: nn.LogicallyPartitioned(
-            nn.initializers.he_uniform()(self.make_rng("params"), (in_features, self.rank), jnp.float32) / 3 ** 0.5,
+            nn.initializers.he_uniform()(self.make_rng("params"), (x.shape[-1], self.rank), jnp.float32) / 3 ** 0.5,
             (self.axes[0], None))).value
         b = self.variable(LORA, "b", lambda: nn.LogicallyPartitioned(
             jnp.zeros((self.rank, self.features), jnp.float32), ("lora_rank", self.axes[1]))).value
-        a, b = nn.meta.unbox(a), nn.meta.unbox(b)
+        x = x.astype(self.dtype)
         if self.dropout > 0 and self.has_rng("dropout"):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(self.dtype)
-        update = jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
+        update = jnp.dot(jnp.dot(x, nn.meta.unbox(a).astype(self.dtype)), nn.meta.unbox(b).astype(self.dtype))
         return y + update * jnp.asarray(self.alpha / self.rank, self.dtype)
 
 
 def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, use_bias: bool, dtype: Dtype,
-          name: str, lora: Any = None) -> nn.Module:
+          name: str, lora: Any = None) -> nn.Dense:
     """A Dense layer whose kernel [in, out] carries logical `axes` (and the bias the output axis); a `LoraDense`
     where `lora` (config.LoraConfig) is enabled and names this kernel among its targets."""
+    kwargs = dict(use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, dot_general=dense_dot_general,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
     if lora is not None and lora.enabled and name in lora.targets:
-        return LoraDense(features, axes, use_bias, dtype, lora.rank, lora.alpha, lora.dropout, name=name)
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, dot_general=dense_dot_general,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-    )
+        return LoraDense(features, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, axes=axes, **kwargs)
+    return nn.Dense(features, **kwargs)
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
