@@ -82,8 +82,11 @@ ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 def vocab_sharded(head: Any, vocab_size: int) -> Any:
     """The LM-head params constrained to be sharded over their vocabulary dim on the batch axes (else whole)."""
-    return jax.tree_util.tree_map(lambda leaf: jax.lax.with_sharding_constraint(
-        leaf, P(*[BATCH_AXES if size == vocab_size else None for size in leaf.shape])), head)
+    def constrained(leaf):
+        dims = [d for d, size in enumerate(leaf.shape) if size == vocab_size][-1:]   # one dim, even if E == V
+        return jax.lax.with_sharding_constraint(leaf, P(*[BATCH_AXES if d in dims else None
+                                                          for d in range(leaf.ndim)]))
+    return jax.tree_util.tree_map(constrained, head)
 
 
 def uses_vocab_parallel_loss(config: Config, mesh: Mesh) -> bool:
