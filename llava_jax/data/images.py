@@ -68,13 +68,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read_remote(path: str) -> bytes:
-    """The bytes of a remote image file (etils.epath: gs://, s3://, ...); BadSample if it is missing or empty."""
+def read_image_bytes(path: Any) -> bytes:
+    """The bytes of an image file, local or remote (etils.epath: gs://, s3://, ...); BadSample if it is missing,
+    empty or unreadable."""
     from etils import epath
     try:
         data = epath.Path(path).read_bytes()
     except FileNotFoundError:
         raise BadSample("missing_image", f"{path}: no such file") from None
+    except OSError as e:
+        raise BadSample("corrupt_image", f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     if not data:
         raise BadSample("empty_image", f"{path}: file has 0 bytes")
     return data
@@ -94,7 +97,7 @@ def _decode(ref: Any, load: bool = True) -> Image.Image:
     else:
         path = os.fspath(ref)
         if "://" in path:                              # gs://, s3://, ...: the whole file's bytes through epath
-            image = Image.open(io.BytesIO(_read_remote(path)))
+            image = Image.open(io.BytesIO(read_image_bytes(path)))
         else:
             try:
                 size = os.path.getsize(path)

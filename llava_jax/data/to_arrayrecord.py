@@ -31,7 +31,9 @@ from etils import epath
 
 from llava_jax.data.arrayrecord_format import encode_record
 from llava_jax.data.bad_samples import REASONS, BadSample
+from llava_jax.data.images import read_image_bytes
 from llava_jax.data.llava_records import default_id, example_from_record
+from llava_jax.data.sources import is_remote
 
 INDEX_FILE = "index.json"
 IDS_FILE = "ids.txt"
@@ -112,14 +114,9 @@ def _parse(entry: tuple[int, Any, bool]) -> tuple[int, Any, Optional[str]]:
 def _read_image(path: epath.Path) -> tuple[Optional[bytes], Optional[str]]:
     """(the file's bytes, None) or (None, "reason: detail") with the reason and detail images.open_image gives."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, f"missing_image: {path}: no such file"
-    except OSError as e:
-        return None, f"corrupt_image: {path}: cannot read image ({type(e).__name__}: {e})"
-    if not data:
-        return None, f"empty_image: {path}: file has 0 bytes"
-    return data, None
+        return read_image_bytes(path), None
+    except BadSample as bad:
+        return None, str(bad)
 
 
 def _convert_one(index: int, entry: tuple[int, Any, bool], source_file: str, default_prefix: str,
@@ -203,10 +200,6 @@ class _Progress:
             self.stream.flush()
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def convert(json_path: str, image_root: Optional[str], out_dir: str, shards: int = 1, progress: bool = True,
             workers: int = 16, name: str = "train", writer_options: str = WRITER_OPTIONS) -> dict:
     """Converts `json_path` (+ images under `image_root`, default: the JSON file's directory) into `shards`
@@ -215,7 +208,7 @@ def convert(json_path: str, image_root: Optional[str], out_dir: str, shards: int
     started = time.monotonic()
     json_path, out_dir = str(json_path), str(out_dir)
     if image_root is None:
-        image_root = str(epath.Path(json_path).parent) if not _is_local(json_path) else \
+        image_root = str(epath.Path(json_path).parent) if is_remote(json_path) else \
             os.path.dirname(os.path.abspath(json_path))
     root, out = epath.Path(image_root), epath.Path(out_dir)
     if shards < 1:
@@ -240,7 +233,7 @@ def convert(json_path: str, image_root: Optional[str], out_dir: str, shards: int
         from array_record.python.array_record_module import ArrayRecordWriter
         for k in range(num_shards):
             name_k = shard_name(k, num_shards, name)
-            local = os.path.join(out_dir, name_k) if _is_local(out_dir) else os.path.join(scratch, name_k)
+            local = os.path.join(out_dir, name_k) if not is_remote(out_dir) else os.path.join(scratch, name_k)
             writer = ArrayRecordWriter(local, writer_options)
             for _ in range(bounds[k], bounds[k + 1]):
                 data, example_id, report, nbytes = next(results)
@@ -253,7 +246,7 @@ def convert(json_path: str, image_root: Optional[str], out_dir: str, shards: int
                 bar.update(len(data))
             writer.close()
             total_bytes += os.path.getsize(local)
-            if not _is_local(out_dir):
+            if is_remote(out_dir):
                 with open(local, "rb") as src, (out / name_k).open("wb") as dst:
                     shutil.copyfileobj(src, dst, 16 << 20)
                 os.remove(local)
