@@ -59,7 +59,9 @@ class LlavaModel(nn.Module):
 
     def setup(self):
         self.vision_tower = VisionTower(self.config)
-        self.projector = Projector(self.config)
+        # rematted like the layers: its backward recomputes it instead of keeping its gathered weights
+        projector = Projector if self.config.remat == "none" else nn.remat(Projector)
+        self.projector = projector(self.config)
         self.language_model = LanguageModel(self.config)
         if self.config.anyres.enabled:
             # transformers' LlavaNextModel: randn(E) / sqrt(E)
