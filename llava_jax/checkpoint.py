@@ -67,6 +67,18 @@ def _manager_options(options: CheckpointConfig, read_only: bool) -> ocp.Checkpoi
         cleanup_tmp_directories=not read_only)
 
 
+def _check_writable(directory: epath.Path) -> None:
+    """Writes and deletes a probe object: a remote checkpoint.dir that cannot be written (a missing bucket, no
+    permission) fails now, not at the first save hours into the run."""
+    probe = directory / ".llava_jax_write_probe"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - each file system raises its own errors
+        raise FileNotFoundError(f"checkpoint.dir {directory}: cannot write there ({type(e).__name__}: {e}); "
+                                "does the bucket exist and may this host write to it?") from e
+
+
 class RunCheckpointer:
     """The checkpoints under one directory (read_only: another run's, e.g. checkpoint.load_dir)."""
 
@@ -74,6 +86,8 @@ class RunCheckpointer:
         # a local path is made absolute; a remote one (gs://...) stays as it is (absolute() would make it local)
         self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(directory).absolute()
         self.read_only = read_only
+        if not read_only and "://" in str(directory):
+            _check_writable(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=_manager_options(options, read_only))
 
     def steps(self) -> list[int]:

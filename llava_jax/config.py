@@ -189,7 +189,7 @@ class DataConfig:
     json_path: Optional[str] = None
     image_root: Optional[str] = None
     eval_json_path: Optional[str] = None
-    # `python -m llava_jax.data.to_arrayrecord` output: a directory of *.array_record shards (local or gcsfuse)
+    # `python -m llava_jax.data.to_arrayrecord` output: a directory of *.array_record shards (local, gs:// or gcsfuse)
     arrayrecord_path: Optional[str] = None
     eval_arrayrecord_path: Optional[str] = None
     tfds_name: Optional[str] = None
