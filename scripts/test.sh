@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-.venv/bin/python -m pytest -q tests "$@"
+# two workers (pytest-xdist), whole test files each (module fixtures built once); `-n N` after it overrides
+.venv/bin/python -m pytest -q -n 2 --dist loadfile tests "$@"
