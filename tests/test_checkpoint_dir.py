@@ -6,18 +6,21 @@ import orbax.checkpoint as ocp
 import llava_jax.checkpoint as checkpoint
 from llava_jax.config import CheckpointConfig, load_config
 from llava_jax.train.loop import train
+from tests.fake_gcs import fake_gcs  # noqa: F401 -- the fixture
 from tests.test_train_cli import RUN, read_metrics
 
 
-def test_a_remote_checkpoint_directory_stays_remote(monkeypatch):
+def test_a_remote_checkpoint_directory_stays_remote(monkeypatch, fake_gcs):
     seen = {}
 
     class Manager:
         def __init__(self, directory, options):
             seen["directory"] = directory
     monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", Manager)
-    checkpoint.RunCheckpointer("gs://bucket/run/checkpoints", CheckpointConfig())
-    assert str(seen["directory"]) == "gs://bucket/run/checkpoints"        # not made a local path
+    remote = fake_gcs.url("run/checkpoints")                # gs://<bucket>/...: the write probe reaches the bucket
+    checkpoint.RunCheckpointer(remote, CheckpointConfig())
+    assert str(seen["directory"]) == remote                                 # not made a local path
+    assert fake_gcs.names() == []                                           # the probe object is gone again
     checkpoint.RunCheckpointer("relative/checkpoints", CheckpointConfig())
     assert str(seen["directory"]) == os.path.abspath("relative/checkpoints")
     assert ocp.CheckpointManager is Manager

@@ -40,7 +40,7 @@ def full_forward_greedy(config, params, prompts, tokens, pixels) -> np.ndarray:
     sequences = [np.concatenate([prompt, row[:-1]]) for prompt, row in zip(prompts, tokens)]
     length = max(map(len, sequences))
     ids = np.stack([np.pad(s, (0, length - len(s)), constant_values=PAD) for s in sequences]).astype(np.int32)
-    logits = np.array(LlavaModel(config).apply({"params": params}, ids, pixels))
+    logits = np.array(jax.jit(LlavaModel(config).apply)({"params": params}, ids, pixels))
     logits[..., IMAGE_TOKEN] = -np.inf
     return np.stack([logits[r, len(p) - 1:len(p) - 1 + NEW_TOKENS].argmax(-1) for r, p in enumerate(prompts)])
 
