@@ -10,7 +10,10 @@ prefill included), `speedup` = ours / transformers (goal >= 3), `compile_s` (our
 call's: the jit compilation of prefill and decode), `tokens_equal_fraction` (the share of the [batch, new_tokens]
 tokens equal in both; greedy on the same float32 weights), `threads` (torch is set to os.cpu_count(), the size of
 XLA's CPU thread pool), and the split of a call: each side's prefill (a call making 1 token) and its decode step
-((call - prefill) / (new_tokens - 1)). Each round times our call, our prefill, transformers' call and its prefill
+((call - prefill) / (new_tokens - 1)); `weight_pass_ms` / `torch_weight_pass_ms`, the floor under any decode step here
+(every language-model weight matrix times a [batch, in] activation and nothing else, in XLA / in torch) and
+`speedup_ceiling`, the speedup of a generate call made of the faster prefill plus one faster weight pass per further
+token (what an implementation with no cost beyond its matmuls would reach on this machine). Each round times our call, our prefill, transformers' call and its prefill
 (median of --repeats calls each, after a pause); every figure is its best round, as in train_step.py, since other
 processes only ever slow a round down (torch's threads far more than XLA's: on a busy machine the speedup comes out
 inflated; the run itself keeps `load_average_1m` near the core count, well above it says it was not alone).
@@ -102,6 +105,41 @@ def transformers_generation(model_config, params, prompts, pixel_values):
     return make_run
 
 
+def weight_pass(params, batch: int):
+    """A blocking run of the one thing a decode step cannot skip: every language-model weight matrix (the stacked
+    layers' slices, the LM head) multiplied by a [batch, in] activation, jitted, nothing else (no attention, norms,
+    cache or sampling). Its time is a floor under any decode step of this model and batch on this machine."""
+    import jax
+    import jax.numpy as jnp
+    matrices = [leaf for leaf in jax.tree_util.tree_leaves(params["language_model"]) if leaf.ndim >= 2]
+    inputs = [np.random.default_rng(i).standard_normal((batch, m.shape[-2])).astype(np.float32)
+              for i, m in enumerate(matrices)]
+
+    @jax.jit
+    def step(matrices, inputs):
+        total = jnp.zeros((), jnp.float32)
+        for m, x in zip(matrices, inputs):
+            for w in (m.reshape(-1, *m.shape[-2:]) if m.ndim > 2 else m[None]):      # a stack: one layer at a time
+                total = total + jnp.dot(x, w)[0, 0]
+        return total
+    matrices = [jnp.asarray(m) for m in matrices]
+    return lambda: step(matrices, inputs).block_until_ready()
+
+
+def torch_weight_pass(params, batch: int):
+    """`weight_pass` in torch (its own matmul kernels), so the floor is not one library's."""
+    import jax
+    import torch
+    matrices = [torch.from_numpy(np.array(w)) for leaf in jax.tree_util.tree_leaves(
+        params["language_model"]) if leaf.ndim >= 2 for w in np.asarray(leaf).reshape(-1, *leaf.shape[-2:])]
+    inputs = [torch.randn(batch, m.shape[0]) for m in matrices]
+
+    def run():
+        with torch.inference_mode():
+            return sum(float((x @ m)[0, 0]) for m, x in zip(matrices, inputs))
+    return run
+
+
 def measure(batch: int = 8, new_tokens: int = 64, repeats: int = 3, rounds: int = 3, seed: int = 0) -> dict:
     """The benchmark's record (see the module docstring) for one setting, both frameworks in this process."""
     import jax
@@ -118,13 +156,14 @@ def measure(batch: int = 8, new_tokens: int = 64, repeats: int = 3, rounds: int 
     ours = our_generation(model_config, params, prompts, pixel_values)
     theirs = transformers_generation(model_config, params, prompts, pixel_values)
     runs = {"ours": ours(new_tokens), "ours_prefill": ours(1),
-            "transformers": theirs(new_tokens), "transformers_prefill": theirs(1)}
+            "transformers": theirs(new_tokens), "transformers_prefill": theirs(1),
+            "weight_pass": weight_pass(params, batch), "torch_weight_pass": torch_weight_pass(params, batch)}
     start = time.perf_counter()
     our_tokens = runs["ours"]()
     first_s = time.perf_counter() - start
     compile_s = first_s - median_seconds(runs["ours"], 1)
     equal = float(np.mean(our_tokens == runs["transformers"]()))
-    for name in ("ours_prefill", "transformers_prefill"):
+    for name in ("ours_prefill", "transformers_prefill", "weight_pass", "torch_weight_pass"):
         runs[name]()
     per_round = {name: [] for name in runs}
     for _ in range(rounds):
@@ -135,6 +174,9 @@ def measure(batch: int = 8, new_tokens: int = 64, repeats: int = 3, rounds: int 
     tokens = batch * new_tokens
     decode_step_ms = {name: 1e3 * (seconds[name] - seconds[f"{name}_prefill"]) / (new_tokens - 1)
                       for name in ("ours", "transformers")}
+    # no generate call can beat the faster prefill plus a weight pass per further token
+    pass_s = min(seconds["weight_pass"], seconds["torch_weight_pass"])
+    floor_s = min(seconds["ours_prefill"], seconds["transformers_prefill"]) + (new_tokens - 1) * pass_s
     return {
         "batch": batch, "new_tokens": new_tokens,
         "ours_tokens_per_s": round(tokens / seconds["ours"], 1),
@@ -148,6 +190,9 @@ def measure(batch: int = 8, new_tokens: int = 64, repeats: int = 3, rounds: int 
         "transformers_prefill_s": round(seconds["transformers_prefill"], 4),
         "ours_decode_step_ms": round(decode_step_ms["ours"], 3),
         "transformers_decode_step_ms": round(decode_step_ms["transformers"], 3),
+        "weight_pass_ms": round(1e3 * seconds["weight_pass"], 3),
+        "torch_weight_pass_ms": round(1e3 * seconds["torch_weight_pass"], 3),
+        "speedup_ceiling": round(seconds["transformers"] / floor_s, 3),
         "round_seconds": {name: [round(t, 4) for t in times] for name, times in per_round.items()},
         "prompt_lengths": [len(p) for p in prompts], "repeats": repeats, "rounds": rounds,
         "load_average_1m": round(os.getloadavg()[0], 2),

@@ -9,7 +9,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 RECORD_KEYS = {"batch", "new_tokens", "ours_tokens_per_s", "transformers_tokens_per_s", "speedup", "compile_s",
-               "tokens_equal_fraction", "threads"}
+               "tokens_equal_fraction", "threads", "weight_pass_ms", "torch_weight_pass_ms",
+               "speedup_ceiling"}
 
 
 @pytest.fixture(scope="module")
@@ -32,4 +33,8 @@ def test_generation_benchmark_reports_rates_and_equal_greedy_tokens(generation_b
     assert (record["batch"], record["new_tokens"], record["threads"]) == (2, 4, os.cpu_count())
     assert record["ours_tokens_per_s"] > 0 and record["transformers_tokens_per_s"] > 0 and record["speedup"] > 0
     assert record["tokens_equal_fraction"] == 1.0
+    floor_s = (min(record["ours_prefill_s"], record["transformers_prefill_s"])
+               + 3 * min(record["weight_pass_ms"], record["torch_weight_pass_ms"]) / 1e3)   # new_tokens - 1 passes
+    assert record["weight_pass_ms"] > 0 and record["torch_weight_pass_ms"] > 0
+    assert record["speedup_ceiling"] == pytest.approx(record["transformers_s"] / floor_s, rel=0.02)
     assert len(record["prompt_lengths"]) == 2 and len(set(record["prompt_lengths"])) == 2   # prompts differ in length
