@@ -83,11 +83,12 @@ class RunCheckpointer:
     """The checkpoints under one directory (read_only: another run's, e.g. checkpoint.load_dir)."""
 
     def __init__(self, directory: str, options: CheckpointConfig, read_only: bool = False):
+        remote = "://" in str(directory)
         # a local path is made absolute; a remote one (gs://...) stays as it is (absolute() would make it local)
-        self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(directory).absolute()
+        self.directory = epath.Path(directory) if remote else epath.Path(directory).absolute()
         self.read_only = read_only
-        if not read_only and "://" in str(directory):
-            _check_writable(self.directory)
+        if remote and not read_only:
+            _check_writable(self.directory)          # (a local directory Orbax creates at once, failing there)
         self.manager = ocp.CheckpointManager(self.directory, options=_manager_options(options, read_only))
 
     def steps(self) -> list[int]:

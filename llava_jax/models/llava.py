@@ -22,7 +22,7 @@ from llava_jax.config import ModelConfig
 from llava_jax.models.anyres_features import check_feature_ids, merge_anyres_features
 from llava_jax.models.attention import check_trailing_padding
 from llava_jax.models.decoder import LanguageModel
-from llava_jax.models.layers import LORA
+from llava_jax.models.layers import LORA, REMAT_POLICIES
 from llava_jax.models.projector import Projector
 from llava_jax.models.vit import VisionTower
 
@@ -60,7 +60,8 @@ class LlavaModel(nn.Module):
     def setup(self):
         self.vision_tower = VisionTower(self.config)
         # rematted like the layers: its backward recomputes it instead of keeping its gathered weights
-        projector = Projector if self.config.remat == "none" else nn.remat(Projector)
+        remat = self.config.remat
+        projector = Projector if remat == "none" else nn.remat(Projector, policy=REMAT_POLICIES[remat])
         self.projector = projector(self.config)
         self.language_model = LanguageModel(self.config)
         if self.config.anyres.enabled:
