@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from llava_jax.config import CheckpointConfig, Config, config_to_dict
 from llava_jax.model_params import CHECKPOINT_DIR, CONFIG, STATE, params_source, restore_params
+from llava_jax.paths import is_remote
 from llava_jax.train.state import TrainSetup, TrainState
 
 DATA = "data"
@@ -83,7 +84,7 @@ class RunCheckpointer:
     """The checkpoints under one directory (read_only: another run's, e.g. checkpoint.load_dir)."""
 
     def __init__(self, directory: str, options: CheckpointConfig, read_only: bool = False):
-        remote = "://" in str(directory)
+        remote = is_remote(str(directory))
         # a local path is made absolute; a remote one (gs://...) stays as it is (absolute() would make it local)
         self.directory = epath.Path(directory) if remote else epath.Path(directory).absolute()
         self.read_only = read_only

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.data.bad_samples import BadSample
+from llava_jax.paths import is_remote
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,7 +97,7 @@ def _decode(ref: Any, load: bool = True) -> Image.Image:
         image = Image.open(io.BytesIO(ref))
     else:
         path = os.fspath(ref)
-        if "://" in path:                              # gs://, s3://, ...: the whole file's bytes through epath
+        if is_remote(path):                            # gs://, s3://, ...: the whole file's bytes through epath
             image = Image.open(io.BytesIO(read_image_bytes(path)))
         else:
             try:

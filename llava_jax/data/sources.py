@@ -3,8 +3,8 @@
 
 Public surface: `LlavaJsonSource(json_path, image_root, validate=True)`, `TfdsSource(name, data_dir, split, image_key,
 question_key, answer_key)`, `train_sources(config) -> [(source, weight)]`, `eval_sources(config) -> [source]`
-(data.source arrayrecord: `arrayrecord_source.ArrayRecordSource`), `index_jsonl(path)`, `is_remote(path)`,
-`open_binary(path)`.
+(data.source arrayrecord: `arrayrecord_source.ArrayRecordSource`), `index_jsonl(path)`, `open_binary(path)`
+(and `llava_jax.paths.is_remote`).
 A source has `__len__`, `__getitem__(i) -> Example` (raises BadSample for a malformed record; images stay
 unread references) and `describe(i)` (file and line/record for error messages). Paths may be local or remote
 (gs://, s3://, ...: read through etils.epath); local files are read with plain file calls.
@@ -29,11 +29,7 @@ from llava_jax.data.examples import Example
 from llava_jax.data.llava_records import example_from_record
 from llava_jax.data.synthetic import SyntheticSource
 from llava_jax.data.templates import IMAGE_PLACEHOLDER
-
-
-def is_remote(path: Any) -> bool:
-    """True for a path with a URI scheme (gs://bucket/x, s3://...): read through etils.epath, not plain open."""
-    return isinstance(path, str) and "://" in path
+from llava_jax.paths import is_remote
 
 
 def open_binary(path: str):

@@ -33,7 +33,7 @@ from llava_jax.data.arrayrecord_format import encode_record
 from llava_jax.data.bad_samples import REASONS, BadSample
 from llava_jax.data.images import read_image_bytes
 from llava_jax.data.llava_records import default_id, example_from_record
-from llava_jax.data.sources import is_remote
+from llava_jax.paths import is_remote
 
 INDEX_FILE = "index.json"
 IDS_FILE = "ids.txt"
