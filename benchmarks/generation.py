@@ -10,13 +10,14 @@ prefill included), `speedup` = ours / transformers (goal >= 3), `compile_s` (our
 call's: the jit compilation of prefill and decode), `tokens_equal_fraction` (the share of the [batch, new_tokens]
 tokens equal in both; greedy on the same float32 weights), `threads` (torch is set to os.cpu_count(), the size of
 XLA's CPU thread pool), and the split of a call: each side's prefill (a call making 1 token) and its decode step
-((call - prefill) / (new_tokens - 1)); `weight_pass_ms` / `torch_weight_pass_ms`, the floor under any decode step here
-(every language-model weight matrix times a [batch, in] activation and nothing else, in XLA / in torch) and
-`speedup_ceiling`, the speedup of a generate call made of the faster prefill plus one faster weight pass per further
-token (what an implementation with no cost beyond its matmuls would reach on this machine). Each round times our call, our prefill, transformers' call and its prefill
-(median of --repeats calls each, after a pause); every figure is its best round, as in train_step.py, since other
-processes only ever slow a round down (torch's threads far more than XLA's: on a busy machine the speedup comes out
-inflated; the run itself keeps `load_average_1m` near the core count, well above it says it was not alone).
+((call - prefill) / (new_tokens - 1)); `weight_pass_ms` / `torch_weight_pass_ms`, the floor under any decode
+step here (every language-model weight matrix times a [batch, in] activation and nothing else, in XLA / in torch)
+and `speedup_ceiling`, the speedup of a generate call made of the faster prefill plus one faster weight pass per
+further token (what an implementation with no cost beyond its matmuls would reach on this machine). Each round
+times our call, our prefill, transformers' call and its prefill, and both weight passes (median of --repeats calls
+each, after a pause); every figure is its best round, as in train_step.py, since other processes only ever slow a
+round down (torch's threads far more than XLA's: on a busy machine the speedup comes out inflated; the run itself
+keeps `load_average_1m` near the core count, well above it says it was not alone).
 
 The batch: per row a short text prefix, one image's tokens, then a question (lengths differ per row), one random
 image. We left-pad the prompts ourselves (generate.left_pad, to a multiple of 16); transformers gets them left-padded
@@ -105,33 +106,33 @@ def transformers_generation(model_config, params, prompts, pixel_values):
     return make_run
 
 
-def weight_pass(params, batch: int):
-    """A blocking run of the one thing a decode step cannot skip: every language-model weight matrix (the stacked
-    layers' slices, the LM head) multiplied by a [batch, in] activation, jitted, nothing else (no attention, norms,
-    cache or sampling). Its time is a floor under any decode step of this model and batch on this machine."""
+def weight_matrices(params) -> list[np.ndarray]:
+    """Every language-model weight matrix [in, out] (each layer's slice of a stacked kernel, the LM head)."""
+    import jax
+    return [w for leaf in jax.tree_util.tree_leaves(params["language_model"]) if leaf.ndim >= 2
+            for w in np.asarray(leaf).reshape(-1, *leaf.shape[-2:])]
+
+
+def weight_pass(matrices: list[np.ndarray], batch: int):
+    """A blocking run of the one thing a decode step cannot skip: every weight matrix multiplied by a [batch, in]
+    activation, jitted, nothing else (no attention, norms, cache or sampling). Its time is a floor under any decode
+    step of this model and batch on this machine."""
     import jax
     import jax.numpy as jnp
-    matrices = [leaf for leaf in jax.tree_util.tree_leaves(params["language_model"]) if leaf.ndim >= 2]
-    inputs = [np.random.default_rng(i).standard_normal((batch, m.shape[-2])).astype(np.float32)
+    inputs = [np.random.default_rng(i).standard_normal((batch, m.shape[0])).astype(np.float32)
               for i, m in enumerate(matrices)]
 
     @jax.jit
     def step(matrices, inputs):
-        total = jnp.zeros((), jnp.float32)
-        for m, x in zip(matrices, inputs):
-            for w in (m.reshape(-1, *m.shape[-2:]) if m.ndim > 2 else m[None]):      # a stack: one layer at a time
-                total = total + jnp.dot(x, w)[0, 0]
-        return total
+        return sum(jnp.dot(x, m)[0, 0] for m, x in zip(matrices, inputs))
     matrices = [jnp.asarray(m) for m in matrices]
     return lambda: step(matrices, inputs).block_until_ready()
 
 
-def torch_weight_pass(params, batch: int):
+def torch_weight_pass(matrices: list[np.ndarray], batch: int):
     """`weight_pass` in torch (its own matmul kernels), so the floor is not one library's."""
-    import jax
     import torch
-    matrices = [torch.from_numpy(np.array(w)) for leaf in jax.tree_util.tree_leaves(
-        params["language_model"]) if leaf.ndim >= 2 for w in np.asarray(leaf).reshape(-1, *leaf.shape[-2:])]
+    matrices = [torch.from_numpy(np.array(m)) for m in matrices]
     inputs = [torch.randn(batch, m.shape[0]) for m in matrices]
 
     def run():
@@ -157,7 +158,8 @@ def measure(batch: int = 8, new_tokens: int = 64, repeats: int = 3, rounds: int 
     theirs = transformers_generation(model_config, params, prompts, pixel_values)
     runs = {"ours": ours(new_tokens), "ours_prefill": ours(1),
             "transformers": theirs(new_tokens), "transformers_prefill": theirs(1),
-            "weight_pass": weight_pass(params, batch), "torch_weight_pass": torch_weight_pass(params, batch)}
+            "weight_pass": weight_pass(weight_matrices(params), batch),
+            "torch_weight_pass": torch_weight_pass(weight_matrices(params), batch)}
     start = time.perf_counter()
     our_tokens = runs["ours"]()
     first_s = time.perf_counter() - start
